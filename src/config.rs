@@ -1,0 +1,452 @@
+//! Worker configuration: a TOML file, then `IDEM_*` environment variables,
+//! then command-line flags, each overriding the one before.
+//!
+//! Guarantee: a [`Config`] that [`Config::load`] returns has passed
+//! [`Config::validate`]; every rejection names the field (and the environment
+//! variable when that was the source) and the values it allows.
+
+use crate::payload::PayloadFormat;
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Which handler new messages go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerKind {
+    /// The built-in payment ledger in the same RocksDB.
+    #[default]
+    Ledger,
+}
+
+/// Where a newly assigned partition starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeFrom {
+    /// The later of the store's checkpoint and the group's committed offset:
+    /// after a crash between the durable write and the commit, nothing is read
+    /// twice.
+    #[default]
+    Newest,
+    /// The group's committed offset as it is: after an operator rewound the
+    /// group on purpose, the rewound messages are read again and resolve as
+    /// duplicates.
+    Group,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Text for people.
+    #[default]
+    Human,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Everything a worker needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Consumer group; also the default dedup scope.
+    pub group_id: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Directory of the RocksDB dedup store.
+    pub store_dir: PathBuf,
+    /// Scope that qualifies every key; defaults to `group_id`.
+    pub scope: Option<String>,
+    /// Handler for new messages.
+    pub handler: HandlerKind,
+    /// How payloads are encoded.
+    pub payload_format: PayloadFormat,
+    /// Header that carries the idempotency key; empty disables.
+    pub key_header: String,
+    /// JSON pointer (or PaymentEvent field) that carries the key; empty disables.
+    pub key_field: String,
+    /// How long a key is remembered at least, seconds.
+    pub window_secs: u64,
+    /// Width of a dedup bucket, seconds.
+    pub bucket_secs: u64,
+    /// Most messages in one batch (one RocksDB write, one fsync).
+    pub batch_size: usize,
+    /// How long to wait for a batch to fill, milliseconds.
+    pub batch_linger_ms: u64,
+    /// Dead-letter topic; `{topic}` is replaced by the source topic.
+    pub dead_letter_topic: String,
+    /// Where a group with no committed offset starts: `earliest` or `latest`.
+    pub auto_offset_reset: String,
+    /// Create missing dead-letter topics at start-up.
+    pub create_topics: bool,
+    /// Where a newly assigned partition starts: `newest` or `group`.
+    pub resume_from: ResumeFrom,
+    /// Longest a SIGTERM shutdown may take before the process exits anyway.
+    pub shutdown_timeout_secs: u64,
+    /// `human` or `json`.
+    pub log_format: LogFormat,
+    /// librdkafka properties passed through (security, tuning).
+    pub kafka: BTreeMap<String, toml::Value>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "idem".into(),
+            topics: Vec::new(),
+            store_dir: PathBuf::from("idem-store"),
+            scope: None,
+            handler: HandlerKind::Ledger,
+            payload_format: PayloadFormat::Auto,
+            key_header: "Idempotency-Key".into(),
+            key_field: "/event_id".into(),
+            window_secs: 24 * 3600,
+            bucket_secs: 3600,
+            batch_size: 500,
+            batch_linger_ms: 10,
+            dead_letter_topic: "{topic}.dlq".into(),
+            auto_offset_reset: "earliest".into(),
+            create_topics: true,
+            resume_from: ResumeFrom::Newest,
+            shutdown_timeout_secs: 30,
+            log_format: LogFormat::Human,
+            kafka: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+    Bool,
+    List,
+}
+
+/// The settings that `IDEM_<NAME>` environment variables may override.
+const ENV_FIELDS: &[(&str, Kind)] = &[
+    ("brokers", Kind::Str),
+    ("group_id", Kind::Str),
+    ("topics", Kind::List),
+    ("store_dir", Kind::Str),
+    ("scope", Kind::Str),
+    ("handler", Kind::Str),
+    ("payload_format", Kind::Str),
+    ("key_header", Kind::Str),
+    ("key_field", Kind::Str),
+    ("window_secs", Kind::Int),
+    ("bucket_secs", Kind::Int),
+    ("batch_size", Kind::Int),
+    ("batch_linger_ms", Kind::Int),
+    ("dead_letter_topic", Kind::Str),
+    ("auto_offset_reset", Kind::Str),
+    ("create_topics", Kind::Bool),
+    ("resume_from", Kind::Str),
+    ("shutdown_timeout_secs", Kind::Int),
+    ("log_format", Kind::Str),
+];
+
+/// librdkafka properties idem sets itself; setting them in `[kafka]` would
+/// break its guarantees or duplicate a top-level field.
+const RESERVED_KAFKA: &[(&str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "idem commits offsets only after the durable write",
+    ),
+    (
+        "enable.auto.offset.store",
+        "idem stores offsets only after the durable write",
+    ),
+    ("group.id", "use the top-level `group_id`"),
+    ("bootstrap.servers", "use the top-level `brokers`"),
+    ("auto.offset.reset", "use the top-level `auto_offset_reset`"),
+];
+
+impl Config {
+    /// Loads `file` (if given; it must then exist), overlays `IDEM_*` from
+    /// `env`, and validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .context("invalid configuration")?;
+        Ok(config)
+    }
+
+    /// The scope that qualifies every key.
+    pub fn scope(&self) -> &str {
+        self.scope.as_deref().unwrap_or(&self.group_id)
+    }
+
+    /// The dead-letter topic for a source topic.
+    pub fn dead_letter_topic_for(&self, topic: &str) -> String {
+        self.dead_letter_topic.replace("{topic}", topic)
+    }
+
+    /// The `[kafka]` passthrough as librdkafka strings.
+    pub fn kafka_properties(&self) -> Vec<(String, String)> {
+        self.kafka
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+
+    /// Checks every field; the error names the field and what it allows.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.brokers.trim().is_empty() {
+            bail!("`brokers` must be host:port[,host:port...], got an empty value");
+        }
+        if self.group_id.trim().is_empty() {
+            bail!("`group_id` must not be empty");
+        }
+        if self.topics.is_empty() {
+            bail!("`topics` must name at least one topic (config `topics = [..]`, IDEM_TOPICS=a,b or --topic)");
+        }
+        for t in &self.topics {
+            validate_topic_name("topics", t)?;
+            let dlq = self.dead_letter_topic_for(t);
+            if dlq == *t {
+                bail!("`dead_letter_topic` must differ from the source topic `{t}`");
+            }
+            validate_topic_name("dead_letter_topic", &dlq)?;
+        }
+        if self.store_dir.as_os_str().is_empty() {
+            bail!("`store_dir` must be a directory path");
+        }
+        if self.scope.as_deref().is_some_and(|s| s.is_empty()) {
+            bail!("`scope` must not be empty when set");
+        }
+        if self.key_field.contains(char::is_whitespace)
+            || (!self.key_field.is_empty() && !self.key_field.starts_with('/'))
+        {
+            bail!(
+                "`key_field` must be a JSON pointer such as \"/event_id\" (or empty to disable), got {:?}",
+                self.key_field
+            );
+        }
+        if self.bucket_secs == 0 || self.window_secs == 0 {
+            bail!("`window_secs` and `bucket_secs` must be at least 1 second");
+        }
+        if self.bucket_secs > self.window_secs {
+            bail!(
+                "`bucket_secs` ({}) must be at most `window_secs` ({})",
+                self.bucket_secs,
+                self.window_secs
+            );
+        }
+        if self.window_secs > 366 * 24 * 3600 {
+            bail!(
+                "`window_secs` must be at most one year (31622400), got {}",
+                self.window_secs
+            );
+        }
+        if !(1..=100_000).contains(&self.batch_size) {
+            bail!(
+                "`batch_size` must be between 1 and 100000, got {}",
+                self.batch_size
+            );
+        }
+        if self.batch_linger_ms > 60_000 {
+            bail!(
+                "`batch_linger_ms` must be between 0 and 60000, got {}",
+                self.batch_linger_ms
+            );
+        }
+        if !["earliest", "latest"].contains(&self.auto_offset_reset.as_str()) {
+            bail!(
+                "`auto_offset_reset` must be one of earliest, latest; got {:?}",
+                self.auto_offset_reset
+            );
+        }
+        if !(1..=3600).contains(&self.shutdown_timeout_secs) {
+            bail!(
+                "`shutdown_timeout_secs` must be between 1 and 3600, got {}",
+                self.shutdown_timeout_secs
+            );
+        }
+        for (key, value) in &self.kafka {
+            if let Some((_, why)) = RESERVED_KAFKA.iter().find(|(k, _)| k == key) {
+                bail!("`kafka.\"{key}\"` cannot be set: {why}");
+            }
+            if matches!(value, toml::Value::Array(_) | toml::Value::Table(_)) {
+                bail!("`kafka.\"{key}\"` must be a string, number or boolean");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_topic_name(field: &str, t: &str) -> anyhow::Result<()> {
+    let ok = !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !ok {
+        bail!("`{field}`: {t:?} is not a valid Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)");
+    }
+    Ok(())
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("IDEM_") else {
+            continue;
+        };
+        if let Some(prop) = rest.strip_prefix("KAFKA__") {
+            // IDEM_KAFKA__SASL_PASSWORD -> kafka."sasl.password"
+            let prop = prop.to_ascii_lowercase().replace('_', ".");
+            let kafka = table
+                .entry("kafka")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(kafka) = kafka else {
+                bail!("`kafka` in the config file must be a table");
+            };
+            kafka.insert(prop, toml::Value::String(raw));
+            continue;
+        }
+        let field = rest.to_ascii_lowercase();
+        let Some((_, kind)) = ENV_FIELDS.iter().find(|(f, _)| *f == field) else {
+            continue; // IDEM_TEST_BROKERS and the like are not ours to judge
+        };
+        let value = match kind {
+            Kind::Str => toml::Value::String(raw),
+            Kind::Int => toml::Value::Integer(raw.trim().parse().with_context(|| {
+                format!("{name}: `{field}` must be a whole number, got {raw:?}")
+            })?),
+            Kind::Bool => toml::Value::Boolean(match raw.trim() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => bail!("{name}: `{field}` must be true or false, got {raw:?}"),
+            }),
+            Kind::List => toml::Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+        };
+        table.insert(field, value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_kafka_props_pass_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("idem.toml");
+        std::fs::write(
+            &file,
+            "topics = [\"a\"]\nbatch_size = 10\n[kafka]\n\"fetch.min.bytes\" = 1\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("IDEM_BATCH_SIZE", "20"),
+                ("IDEM_TOPICS", "x, y"),
+                ("IDEM_KAFKA__SASL_PASSWORD", "s3cret"),
+            ]),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.batch_size, 20);
+        assert_eq!(c.topics, vec!["x", "y"]);
+        assert_eq!(
+            c.kafka_properties(),
+            vec![
+                ("fetch.min.bytes".to_string(), "1".to_string()),
+                ("sasl.password".to_string(), "s3cret".to_string())
+            ]
+        );
+        assert_eq!(c.dead_letter_topic_for("x"), "x.dlq");
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_the_allowed_values() {
+        let err = Config::load(None, env(&[("IDEM_BATCH_SIZE", "lots")])).unwrap_err();
+        assert!(format!("{err:#}").contains("IDEM_BATCH_SIZE: `batch_size` must be a whole number"));
+        let err = Config::load(None, env(&[("IDEM_HANDLER", "teleport")])).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown variant `teleport`, expected `ledger`"));
+        let mut c = Config {
+            topics: vec!["t".into()],
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.bucket_secs = c.window_secs + 1;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`bucket_secs`"));
+        c.bucket_secs = 60;
+        c.auto_offset_reset = "middle".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("one of earliest, latest"));
+        c.auto_offset_reset = "latest".into();
+        c.kafka
+            .insert("enable.auto.commit".into(), toml::Value::Boolean(true));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("enable.auto.commit"));
+        c.kafka.clear();
+        c.topics = vec!["bad topic".into()];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid Kafka topic name"));
+    }
+
+    #[test]
+    fn unknown_fields_in_the_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("idem.toml");
+        std::fs::write(&file, "topix = [\"a\"]\n").unwrap();
+        let err = Config::load(Some(&file), env(&[])).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field `topix`"));
+    }
+}

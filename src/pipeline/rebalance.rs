@@ -1,0 +1,174 @@
+//! Partition assignment and revocation.
+//!
+//! Guarantees:
+//! - On assignment a partition starts at the later of the store's checkpoint
+//!   and the group's committed offset: a worker that crashed between its
+//!   durable write and its Kafka commit does not re-read what it already
+//!   recorded, and a store restored from an old backup does not rewind the
+//!   group (it starts at the committed offset and says so).
+//! - With `resume_from = "group"` the committed offset alone decides, so an
+//!   operator's deliberate rewind replays messages (as duplicates).
+//! - On revocation the pipeline is between batches (the rebalance callback runs
+//!   inside `poll`, and every batch is written and committed before the next
+//!   poll), so nothing handled is left uncommitted; messages fetched but not
+//!   yet started for a revoked partition are dropped unhandled, for the new
+//!   owner to handle.
+
+use crate::config::ResumeFrom;
+use crate::store::DedupStore;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A topic and partition.
+pub type TopicPartition = (String, i32);
+
+/// What the pipeline needs to know about the assignment, updated by the
+/// rebalance callback and read by the loop on the same thread.
+#[derive(Debug, Default)]
+pub struct Assignment {
+    /// Partitions currently owned, with the offset they started at (`None`
+    /// when Kafka's reset policy decides).
+    pub owned: HashMap<TopicPartition, Option<i64>>,
+    /// Partitions revoked since the loop last looked.
+    pub revoked: HashSet<TopicPartition>,
+    /// Offsets to commit because the store was ahead of Kafka at assignment.
+    pub commit_now: HashMap<TopicPartition, i64>,
+    /// Rebalances seen.
+    pub generation: u64,
+}
+
+/// The consumer context: chooses start offsets and tracks the assignment.
+pub struct IdemContext {
+    store: Arc<DedupStore>,
+    assignment: Arc<Mutex<Assignment>>,
+    resume_from: ResumeFrom,
+}
+
+impl IdemContext {
+    /// A context over `store` publishing to `assignment`.
+    pub fn new(
+        store: Arc<DedupStore>,
+        assignment: Arc<Mutex<Assignment>>,
+        resume_from: ResumeFrom,
+    ) -> Self {
+        Self {
+            store,
+            assignment,
+            resume_from,
+        }
+    }
+
+    fn choose_start_offsets(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10));
+        if let Err(e) = &committed {
+            tracing::warn!(error = %e, "could not read the group's committed offsets; using the store's checkpoints");
+        }
+        let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+        state.generation += 1;
+        let mut starts = Vec::new();
+        for elem in tpl.elements() {
+            let (topic, partition) = (elem.topic().to_string(), elem.partition());
+            let kafka = committed.as_ref().ok().and_then(|c| {
+                match c.find_partition(&topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                }
+            });
+            let stored = match self.store.checkpoint(&topic, partition) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(%topic, partition, error = %e, "cannot read the store checkpoint");
+                    None
+                }
+            };
+            let start = match (stored, kafka) {
+                (_, k) if self.resume_from == ResumeFrom::Group => k,
+                (Some(s), Some(k)) if s > k => {
+                    tracing::info!(%topic, partition, store = s, committed = k,
+                        "store is ahead of the group's committed offset (a crash after the durable write); starting at the store checkpoint");
+                    state.commit_now.insert((topic.clone(), partition), s);
+                    Some(s)
+                }
+                (Some(s), Some(k)) if s < k => {
+                    tracing::warn!(%topic, partition, store = s, committed = k,
+                        "store checkpoint is behind the group's committed offset (store restored from an older copy, or another worker handled this partition); starting at the committed offset");
+                    Some(k)
+                }
+                (s, k) => s.or(k),
+            };
+            let tp = (topic, partition);
+            state.revoked.remove(&tp);
+            state.owned.insert(tp.clone(), start);
+            starts.push((tp, start));
+        }
+        drop(state);
+        for ((topic, partition), start) in starts {
+            if let Some(o) = start {
+                if let Err(e) = tpl.set_partition_offset(&topic, partition, Offset::Offset(o)) {
+                    tracing::error!(%topic, partition, error = %e, "cannot set the start offset");
+                }
+            }
+        }
+    }
+
+    fn note_revoked(&self, tpl: &TopicPartitionList) {
+        let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+        state.generation += 1;
+        for e in tpl.elements() {
+            let tp = (e.topic().to_string(), e.partition());
+            state.owned.remove(&tp);
+            state.commit_now.remove(&tp);
+            state.revoked.insert(tp);
+        }
+    }
+}
+
+impl ClientContext for IdemContext {}
+
+impl ConsumerContext for IdemContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result: KafkaResult<()> = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.choose_start_offsets(consumer, tpl);
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.note_revoked(tpl);
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error; dropping the assignment");
+                self.note_revoked(tpl);
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "applying the rebalance failed");
+        }
+    }
+}

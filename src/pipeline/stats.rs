@@ -1,0 +1,154 @@
+//! Counters of message outcomes. Every consumed message lands in exactly one
+//! outcome counter (handled, duplicate, conflict or dead-lettered), so
+//! `consumed = handled + duplicates + conflicts + dead_lettered_other` holds at
+//! every batch boundary; the other counters are details of those.
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters, shared between the pipeline and whoever reports them.
+#[derive(Debug, Default)]
+pub struct Stats {
+    consumed: AtomicU64,
+    handled: AtomicU64,
+    duplicates: AtomicU64,
+    conflicts: AtomicU64,
+    rejected: AtomicU64,
+    undecodable: AtomicU64,
+    tombstones: AtomicU64,
+    bad_keys: AtomicU64,
+    unkeyed: AtomicU64,
+    cross_partition_duplicates: AtomicU64,
+    dead_letters_written: AtomicU64,
+    batches: AtomicU64,
+    commit_failures: AtomicU64,
+}
+
+/// A snapshot of [`Stats`], printed at exit and returned to embedders.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RunSummary {
+    /// Messages taken from Kafka and given a final outcome.
+    pub consumed: u64,
+    /// New messages the handler applied.
+    pub handled: u64,
+    /// Redeliveries recognised and skipped (handler not called).
+    pub duplicates: u64,
+    /// Keys reused with a different payload (dead-lettered).
+    pub conflicts: u64,
+    /// New messages the handler refused (dead-lettered).
+    pub rejected: u64,
+    /// Payloads that did not decode (dead-lettered).
+    pub undecodable: u64,
+    /// Null payloads (dead-lettered).
+    pub tombstones: u64,
+    /// Messages without a usable key, e.g. disagreeing headers (dead-lettered).
+    pub bad_keys: u64,
+    /// Messages keyed by topic/partition/offset because no key source matched.
+    pub unkeyed: u64,
+    /// Duplicates whose first copy came from another partition.
+    pub cross_partition_duplicates: u64,
+    /// Dead letters acknowledged by the broker.
+    pub dead_letters_written: u64,
+    /// Batches written (one RocksDB write and fsync each).
+    pub batches: u64,
+    /// Offset commits that failed and were retried later.
+    pub commit_failures: u64,
+}
+
+impl RunSummary {
+    /// Calls made to the handler: every handled or rejected message.
+    pub fn handler_calls(&self) -> u64 {
+        self.handled + self.rejected
+    }
+}
+
+/// The outcome of one message, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// See [`RunSummary::handled`].
+    Handled,
+    /// See [`RunSummary::duplicates`].
+    Duplicate,
+    /// See [`RunSummary::conflicts`].
+    Conflict,
+    /// See [`RunSummary::rejected`].
+    Rejected,
+    /// See [`RunSummary::undecodable`].
+    Undecodable,
+    /// See [`RunSummary::tombstones`].
+    Tombstone,
+    /// See [`RunSummary::bad_keys`].
+    BadKey,
+}
+
+impl Stats {
+    /// Adds the counts of one written batch.
+    pub fn add_batch(&self, counts: &BatchCounts) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        add(&self.consumed, counts.outcomes.iter().sum());
+        for (i, c) in [
+            &self.handled,
+            &self.duplicates,
+            &self.conflicts,
+            &self.rejected,
+            &self.undecodable,
+            &self.tombstones,
+            &self.bad_keys,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            add(c, counts.outcomes[i]);
+        }
+        add(&self.unkeyed, counts.unkeyed);
+        add(&self.cross_partition_duplicates, counts.cross_partition);
+        add(&self.dead_letters_written, counts.dead_letters);
+        add(&self.batches, 1);
+    }
+
+    /// Counts a failed offset commit.
+    pub fn commit_failed(&self) {
+        self.commit_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current values.
+    pub fn snapshot(&self) -> RunSummary {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RunSummary {
+            consumed: g(&self.consumed),
+            handled: g(&self.handled),
+            duplicates: g(&self.duplicates),
+            conflicts: g(&self.conflicts),
+            rejected: g(&self.rejected),
+            undecodable: g(&self.undecodable),
+            tombstones: g(&self.tombstones),
+            bad_keys: g(&self.bad_keys),
+            unkeyed: g(&self.unkeyed),
+            cross_partition_duplicates: g(&self.cross_partition_duplicates),
+            dead_letters_written: g(&self.dead_letters_written),
+            batches: g(&self.batches),
+            commit_failures: g(&self.commit_failures),
+        }
+    }
+}
+
+/// Counts of one batch, added to [`Stats`] only once the batch is durable.
+#[derive(Debug, Default)]
+pub struct BatchCounts {
+    outcomes: [u64; 7],
+    /// Unkeyed messages in the batch.
+    pub unkeyed: u64,
+    /// Cross-partition duplicates in the batch.
+    pub cross_partition: u64,
+    /// Dead letters acknowledged for the batch.
+    pub dead_letters: u64,
+}
+
+impl BatchCounts {
+    /// Counts one outcome.
+    pub fn count(&mut self, outcome: Counted) {
+        self.outcomes[outcome as usize] += 1;
+    }
+}

@@ -1,0 +1,107 @@
+//! One atomic unit of store writes: the dedup records, the partition
+//! checkpoints and the handler's own state changes of one batch of messages.
+//!
+//! Guarantee: nothing staged here reaches RocksDB until
+//! [`crate::store::DedupStore::commit`] writes it all as one `WriteBatch` with
+//! the WAL synced; a crash before that leaves none of it, after it all of it.
+//! Reads through a [`HandlerTxn`] see the writes staged earlier in the same
+//! batch, so two events for one account in one batch add up correctly.
+
+use crate::key::ScopedKeyHash;
+use crate::proto::DedupRecord;
+use crate::store::{Bucket, DedupStore, StoreError};
+use std::collections::{BTreeMap, HashMap};
+
+/// A staged handler write: `None` deletes.
+type Staged = HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
+
+/// Everything one batch will write.
+#[derive(Default)]
+pub struct StoreBatch {
+    pub(crate) records: HashMap<ScopedKeyHash, (Bucket, DedupRecord)>,
+    pub(crate) checkpoints: BTreeMap<(String, i32), i64>,
+    pub(crate) effects: Staged,
+}
+
+impl StoreBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A record staged earlier in this batch under `key`, so that a duplicate
+    /// inside one batch is caught before anything is written.
+    pub fn staged_record(&self, key: &ScopedKeyHash) -> Option<&DedupRecord> {
+        self.records.get(key).map(|(_, r)| r)
+    }
+
+    /// Stages a dedup record in `bucket`.
+    pub fn record(&mut self, key: ScopedKeyHash, bucket: Bucket, record: DedupRecord) {
+        self.records.insert(key, (bucket, record));
+    }
+
+    /// Stages the next offset to process for a partition.
+    pub fn checkpoint(&mut self, topic: &str, partition: i32, next_offset: i64) {
+        self.checkpoints
+            .insert((topic.to_string(), partition), next_offset);
+    }
+
+    /// Number of dedup records staged.
+    pub fn record_count(&self) -> usize {
+        self.records.len()
+    }
+
+    /// True when the batch would write nothing.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.checkpoints.is_empty() && self.effects.is_empty()
+    }
+
+    /// Opens a transaction for one handler call. Its writes join the batch only
+    /// when [`HandlerTxn::keep`] is called, so a handler that fails half-way
+    /// leaves nothing behind.
+    pub fn handler_txn<'a>(&'a mut self, store: &'a DedupStore) -> HandlerTxn<'a> {
+        HandlerTxn {
+            batch: self,
+            store,
+            local: HashMap::new(),
+        }
+    }
+}
+
+/// The handler's view of the store during one message: reads see the batch's
+/// staged writes, writes are staged until [`HandlerTxn::keep`].
+pub struct HandlerTxn<'a> {
+    batch: &'a mut StoreBatch,
+    store: &'a DedupStore,
+    local: Staged,
+}
+
+impl HandlerTxn<'_> {
+    /// Reads `key` from the handler column family `cf`, seeing writes staged
+    /// by this transaction and earlier ones of the same batch.
+    pub fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let k = (cf, key.to_vec());
+        if let Some(v) = self.local.get(&k) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.batch.effects.get(&k) {
+            return Ok(v.clone());
+        }
+        self.store.get_handler_value(cf, key)
+    }
+
+    /// Stages `key = value` in `cf`.
+    pub fn put(&mut self, cf: &'static str, key: Vec<u8>, value: Vec<u8>) {
+        self.local.insert((cf, key), Some(value));
+    }
+
+    /// Stages the deletion of `key` in `cf`.
+    pub fn delete(&mut self, cf: &'static str, key: Vec<u8>) {
+        self.local.insert((cf, key), None);
+    }
+
+    /// Moves this transaction's writes into the batch.
+    pub fn keep(self) {
+        self.batch.effects.extend(self.local);
+    }
+}

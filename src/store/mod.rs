@@ -1,0 +1,658 @@
+//! The RocksDB dedup store: one database per worker holding the dedup records
+//! in time-bucket column families, the partition checkpoints, and the state of
+//! in-process handlers.
+//!
+//! Guarantees:
+//! - [`DedupStore::commit`] is atomic and durable: one `WriteBatch`, WAL
+//!   synced, carrying records, checkpoints, handler state and the clock's
+//!   high-water mark together.
+//! - A key recorded at processing time `t` is found by [`DedupStore::lookup`]
+//!   until at least `t + window`: buckets are dropped whole, and only once
+//!   their end is a full window old.
+//! - Processing time never runs backwards, across restarts too: the clock's
+//!   high-water mark is persisted and a clock that jumps back is clamped.
+//! - A lookup racing a bucket drop never crashes: it holds a reference to the
+//!   column family for the duration of the read.
+
+mod batch;
+mod bucket;
+
+pub use batch::{HandlerTxn, StoreBatch};
+pub use bucket::Bucket;
+
+use crate::clock::Clock;
+use crate::key::ScopedKeyHash;
+use crate::proto::{Checkpoint, DedupRecord};
+use prost::Message as _;
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, Options,
+    WriteBatch, WriteOptions,
+};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// Column family for fixed-name metadata.
+pub const META_CF: &str = "meta";
+/// Column family for partition checkpoints.
+pub const OFFSETS_CF: &str = "offsets";
+/// The on-disk layout version this build reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_BUCKET: &[u8] = b"bucket_secs";
+const META_HWM: &[u8] = b"clock_high_water_ms";
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+/// Errors of the dedup store. Callers match on them to decide between
+/// failing closed and asking the operator to act.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB refused an operation.
+    #[error("RocksDB error while trying to {action}: {source}")]
+    Rocks {
+        /// What was being attempted.
+        action: String,
+        /// The RocksDB error.
+        source: rocksdb::Error,
+    },
+    /// The store was written with another bucket width.
+    #[error(
+        "the store at {path} was created with bucket = {stored}s but the configuration says \
+         bucket = {configured}s; set bucket back to {stored}s, or move the store directory \
+         away to start a fresh one (its keys will then be forgotten)"
+    )]
+    BucketWidthChanged {
+        /// Store directory.
+        path: PathBuf,
+        /// Width in the store.
+        stored: i64,
+        /// Width configured.
+        configured: i64,
+    },
+    /// The store was written by a newer layout.
+    #[error("the store at {path} has schema version {found}; this idem reads version {supported}")]
+    SchemaVersion {
+        /// Store directory.
+        path: PathBuf,
+        /// Version found.
+        found: u64,
+        /// Version supported.
+        supported: u64,
+    },
+    /// A stored value does not decode.
+    #[error("corrupt {what} in the store: {detail}")]
+    Corrupt {
+        /// What was being read.
+        what: &'static str,
+        /// The decoder's complaint.
+        detail: String,
+    },
+    /// A handler column family that was not declared at open.
+    #[error("column family `{0}` was not opened; handlers must declare their column families")]
+    UnknownColumnFamily(String),
+}
+
+fn rocks(action: impl Into<String>) -> impl FnOnce(rocksdb::Error) -> StoreError {
+    let action = action.into();
+    move |source| StoreError::Rocks { action, source }
+}
+
+/// How the store files and expires records.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// How long a key is remembered at least, milliseconds.
+    pub window_ms: i64,
+    /// Width of one bucket, seconds.
+    pub bucket_secs: i64,
+    /// Column families of in-process handlers (e.g. `ledger`).
+    pub handler_cfs: Vec<&'static str>,
+    /// Sync the WAL on every commit. Only benchmarks turn this off.
+    pub sync: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            window_ms: 24 * 3600 * 1000,
+            bucket_secs: 3600,
+            handler_cfs: Vec::new(),
+            sync: true,
+        }
+    }
+}
+
+/// The dedup store of one worker.
+pub struct DedupStore {
+    db: Db,
+    path: PathBuf,
+    opts: StoreOptions,
+    clock: Arc<dyn Clock>,
+    /// Live buckets by start; a `RwLock` because lookups are many and bucket
+    /// creation and expiry are rare. Never held across a RocksDB call that
+    /// creates or drops a column family.
+    buckets: RwLock<BTreeSet<i64>>,
+    /// Highest processing time handed out, Unix milliseconds.
+    high_water_ms: AtomicI64,
+    /// How many times the wall clock was seen behind the high-water mark.
+    clock_clamps: AtomicU64,
+}
+
+fn bucket_cf_options() -> Options {
+    let mut block = BlockBasedOptions::default();
+    block.set_bloom_filter(10.0, false);
+    block.set_whole_key_filtering(true);
+    let mut o = Options::default();
+    o.set_block_based_table_factory(&block);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o
+}
+
+impl DedupStore {
+    /// Opens (creating if needed) the store at `path`, finding every existing
+    /// bucket. Fails with [`StoreError::BucketWidthChanged`] rather than
+    /// misfile records when the configured width differs from the stored one.
+    pub fn open(
+        path: &Path,
+        opts: StoreOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(path, opts, clock, false)
+    }
+
+    /// Opens an existing store read-only, beside a worker that may be running
+    /// on it: for inspection commands and tests. The bucket width is taken
+    /// from the store itself. Writes fail.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        if !path.join("CURRENT").exists() {
+            return Err(StoreError::Corrupt {
+                what: "store directory",
+                detail: format!("{} holds no RocksDB database", path.display()),
+            });
+        }
+        let opts = StoreOptions {
+            bucket_secs: 1,
+            ..StoreOptions::default()
+        };
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let mut store = Self::open_inner(path, opts, clock, true)?;
+        let meta = store.cf(META_CF)?;
+        let width = store
+            .db
+            .get_cf(&meta, META_BUCKET)
+            .map_err(rocks("read the bucket width"))?
+            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
+            .ok_or(StoreError::Corrupt {
+                what: "metadata",
+                detail: "no bucket width recorded".into(),
+            })?;
+        drop(meta);
+        store.opts.bucket_secs = width as i64;
+        Ok(store)
+    }
+
+    fn open_inner(
+        path: &Path,
+        opts: StoreOptions,
+        clock: Arc<dyn Clock>,
+        read_only: bool,
+    ) -> Result<Self, StoreError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_keep_log_file_num(4);
+        let existing = if path.join("CURRENT").exists() {
+            Db::list_cf(&db_opts, path).map_err(rocks("list the store's column families"))?
+        } else {
+            Vec::new()
+        };
+        let mut names: BTreeSet<String> = existing.into_iter().collect();
+        names.insert(META_CF.into());
+        names.insert(OFFSETS_CF.into());
+        names.extend(opts.handler_cfs.iter().map(|s| s.to_string()));
+        names.remove("default");
+        let descriptors = names.iter().map(|n| {
+            let o = if Bucket::parse(n, 1).is_some() {
+                bucket_cf_options()
+            } else {
+                Options::default()
+            };
+            ColumnFamilyDescriptor::new(n, o)
+        });
+        let db = if read_only {
+            let all: Vec<String> =
+                Db::list_cf(&db_opts, path).map_err(rocks("list the store's column families"))?;
+            Db::open_cf_for_read_only(&db_opts, path, all, false)
+        } else {
+            Db::open_cf_descriptors(&db_opts, path, descriptors)
+        }
+        .map_err(rocks(format!("open the store at {}", path.display())))?;
+        let buckets = names
+            .iter()
+            .filter_map(|n| Bucket::parse(n, opts.bucket_secs))
+            .map(|b| b.start_secs)
+            .collect();
+        let store = Self {
+            db,
+            path: path.to_path_buf(),
+            opts,
+            clock,
+            buckets: RwLock::new(buckets),
+            high_water_ms: AtomicI64::new(i64::MIN),
+            clock_clamps: AtomicU64::new(0),
+        };
+        if !read_only {
+            store.check_meta()?;
+        }
+        Ok(store)
+    }
+
+    fn check_meta(&self) -> Result<(), StoreError> {
+        let meta = self.cf(META_CF)?;
+        let read_u64 = |k: &[u8]| -> Result<Option<u64>, StoreError> {
+            let v = self
+                .db
+                .get_cf(&meta, k)
+                .map_err(rocks("read store metadata"))?;
+            v.map(|v| {
+                v.as_slice()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        what: "metadata",
+                        detail: format!("{} is {} bytes", String::from_utf8_lossy(k), v.len()),
+                    })
+            })
+            .transpose()
+        };
+        match read_u64(META_SCHEMA)? {
+            Some(v) if v != SCHEMA_VERSION => {
+                return Err(StoreError::SchemaVersion {
+                    path: self.path.clone(),
+                    found: v,
+                    supported: SCHEMA_VERSION,
+                })
+            }
+            Some(_) => {}
+            None => self
+                .db
+                .put_cf(&meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes())
+                .map_err(rocks("write the schema version"))?,
+        }
+        match read_u64(META_BUCKET)? {
+            Some(v) if v as i64 != self.opts.bucket_secs => {
+                return Err(StoreError::BucketWidthChanged {
+                    path: self.path.clone(),
+                    stored: v as i64,
+                    configured: self.opts.bucket_secs,
+                })
+            }
+            Some(_) => {}
+            None => self
+                .db
+                .put_cf(
+                    &meta,
+                    META_BUCKET,
+                    (self.opts.bucket_secs as u64).to_be_bytes(),
+                )
+                .map_err(rocks("write the bucket width"))?,
+        }
+        if let Some(hwm) = read_u64(META_HWM)? {
+            self.high_water_ms.store(hwm as i64, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn cf(&self, name: &str) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>, StoreError> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| StoreError::UnknownColumnFamily(name.to_string()))
+    }
+
+    /// The store's options.
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    /// The current processing time: the clock, clamped so that it never goes
+    /// below any time handed out before (across restarts too).
+    pub fn processing_time(&self) -> i64 {
+        let now = self.clock.now_ms();
+        let prev = self.high_water_ms.fetch_max(now, Ordering::SeqCst);
+        if now < prev {
+            self.clock_clamps.fetch_add(1, Ordering::Relaxed);
+            prev
+        } else {
+            now
+        }
+    }
+
+    /// How many times the clock was seen running backwards and was clamped.
+    pub fn clock_clamps(&self) -> u64 {
+        self.clock_clamps.load(Ordering::Relaxed)
+    }
+
+    /// The bucket that records first seen at `time_ms` go to.
+    pub fn bucket_for(&self, time_ms: i64) -> Bucket {
+        Bucket::containing(time_ms, self.opts.bucket_secs)
+    }
+
+    /// Live buckets, newest first.
+    pub fn live_buckets(&self) -> Vec<Bucket> {
+        let guard = self.buckets.read().unwrap_or_else(|e| e.into_inner());
+        guard
+            .iter()
+            .rev()
+            .map(|&start_secs| Bucket {
+                start_secs,
+                width_secs: self.opts.bucket_secs,
+            })
+            .collect()
+    }
+
+    /// The record of `key` in any live bucket, newest bucket first.
+    pub fn lookup(&self, key: &ScopedKeyHash) -> Result<Option<DedupRecord>, StoreError> {
+        for bucket in self.live_buckets() {
+            // A bucket dropped since the list was taken has no handle: skip it.
+            // A handle taken keeps the column family alive for this read.
+            let Some(cf) = self.db.cf_handle(&bucket.name()) else {
+                continue;
+            };
+            let found = self
+                .db
+                .get_pinned_cf(&cf, key.0)
+                .map_err(rocks("look up a key"))?;
+            if let Some(bytes) = found {
+                let rec = DedupRecord::decode(bytes.as_ref()).map_err(|e| StoreError::Corrupt {
+                    what: "dedup record",
+                    detail: e.to_string(),
+                })?;
+                return Ok(Some(rec));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The next offset to process for a partition, if one was checkpointed.
+    pub fn checkpoint(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let cf = self.cf(OFFSETS_CF)?;
+        let v = self
+            .db
+            .get_cf(&cf, checkpoint_key(topic, partition))
+            .map_err(rocks("read a partition checkpoint"))?;
+        v.map(|bytes| {
+            Checkpoint::decode(bytes.as_slice())
+                .map(|c| c.next_offset)
+                .map_err(|e| StoreError::Corrupt {
+                    what: "checkpoint",
+                    detail: e.to_string(),
+                })
+        })
+        .transpose()
+    }
+
+    /// Every checkpoint in the store: (topic, partition, next offset).
+    pub fn checkpoints(&self) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        let cf = self.cf(OFFSETS_CF)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(rocks("read checkpoints"))?;
+            let Some((topic, partition)) = parse_checkpoint_key(&k) else {
+                return Err(StoreError::Corrupt {
+                    what: "checkpoint key",
+                    detail: format!("{} bytes", k.len()),
+                });
+            };
+            let c = Checkpoint::decode(v.as_ref()).map_err(|e| StoreError::Corrupt {
+                what: "checkpoint",
+                detail: e.to_string(),
+            })?;
+            out.push((topic, partition, c.next_offset));
+        }
+        Ok(out)
+    }
+
+    /// Reads a committed value of a handler column family.
+    pub fn get_handler_value(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let handle = self.cf(cf)?;
+        self.db
+            .get_cf(&handle, key)
+            .map_err(rocks(format!("read from column family `{cf}`")))
+    }
+
+    /// Every committed (key, value) of a handler column family, in key order.
+    pub fn scan_handler_cf(&self, cf: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let handle = self.cf(cf)?;
+        self.db
+            .iterator_cf(&handle, rocksdb::IteratorMode::Start)
+            .map(|item| {
+                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(rocks(format!("scan column family `{cf}`")))
+            })
+            .collect()
+    }
+
+    fn ensure_bucket(&self, bucket: Bucket) -> Result<(), StoreError> {
+        let exists = self
+            .buckets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&bucket.start_secs);
+        if exists {
+            return Ok(());
+        }
+        let name = bucket.name();
+        if self.db.cf_handle(&name).is_none() {
+            self.db
+                .create_cf(&name, &bucket_cf_options())
+                .map_err(rocks(format!("create bucket {name}")))?;
+            tracing::info!(bucket = %name, "created bucket");
+        }
+        self.buckets
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bucket.start_secs);
+        Ok(())
+    }
+
+    /// Writes the whole batch atomically with the WAL synced (unless the store
+    /// was opened with `sync = false`), together with the clock's high-water
+    /// mark.
+    pub fn commit(&self, batch: StoreBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let now = self.processing_time();
+        let mut wb = WriteBatch::default();
+        for (key, (bucket, record)) in &batch.records {
+            self.ensure_bucket(*bucket)?;
+            let cf = self.cf(&bucket.name())?;
+            wb.put_cf(&cf, key.0, record.encode_to_vec());
+        }
+        let offsets = self.cf(OFFSETS_CF)?;
+        for ((topic, partition), next) in &batch.checkpoints {
+            let c = Checkpoint {
+                next_offset: *next,
+                written_at_ms: now,
+            };
+            wb.put_cf(
+                &offsets,
+                checkpoint_key(topic, *partition),
+                c.encode_to_vec(),
+            );
+        }
+        for ((cf, key), value) in &batch.effects {
+            let handle = self.cf(cf)?;
+            match value {
+                Some(v) => wb.put_cf(&handle, key, v),
+                None => wb.delete_cf(&handle, key),
+            }
+        }
+        let meta = self.cf(META_CF)?;
+        wb.put_cf(&meta, META_HWM, (now as u64).to_be_bytes());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.opts.sync);
+        self.db
+            .write_opt(wb, &wo)
+            .map_err(rocks("write a batch of dedup records"))
+    }
+
+    /// Drops every bucket whose end is at least a window old at processing
+    /// time `now_ms`. Returns the buckets dropped. Safe to run concurrently
+    /// with lookups and with itself.
+    pub fn expire(&self, now_ms: i64) -> Result<Vec<Bucket>, StoreError> {
+        let expired: Vec<Bucket> = self
+            .live_buckets()
+            .into_iter()
+            .filter(|b| b.expires_at_ms(self.opts.window_ms) <= now_ms)
+            .collect();
+        let mut dropped = Vec::new();
+        for bucket in expired {
+            let removed = self
+                .buckets
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&bucket.start_secs);
+            if !removed {
+                continue; // another expiry run got it
+            }
+            self.db
+                .drop_cf(&bucket.name())
+                .map_err(rocks(format!("drop bucket {}", bucket.name())))?;
+            tracing::info!(bucket = %bucket.name(), "dropped expired bucket");
+            dropped.push(bucket);
+        }
+        Ok(dropped)
+    }
+}
+
+/// Checkpoint key: topic bytes, a zero byte, the partition big-endian.
+fn checkpoint_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(topic.len() + 5);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+fn parse_checkpoint_key(k: &[u8]) -> Option<(String, i32)> {
+    if k.len() < 5 {
+        return None;
+    }
+    let (topic, rest) = k.split_at(k.len() - 5);
+    if rest[0] != 0 {
+        return None;
+    }
+    let partition = i32::from_be_bytes(rest[1..5].try_into().ok()?);
+    Some((String::from_utf8(topic.to_vec()).ok()?, partition))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::key::IdempotencyKey;
+
+    const HOUR: i64 = 3_600_000;
+
+    fn open(dir: &Path, clock: &ManualClock) -> DedupStore {
+        DedupStore::open(dir, StoreOptions::default(), Arc::new(clock.clone())).unwrap()
+    }
+
+    fn record(now: i64) -> DedupRecord {
+        DedupRecord {
+            fingerprint: vec![1; 16],
+            first_seen_ms: now,
+            source_topic: "t".into(),
+            source_partition: 0,
+            source_offset: 9,
+            outcome: 1,
+        }
+    }
+
+    #[test]
+    fn committed_records_and_checkpoints_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(100 * HOUR);
+        let key = ScopedKeyHash::new("s", &IdempotencyKey(b"k".to_vec()));
+        {
+            let store = open(dir.path(), &clock);
+            let mut b = StoreBatch::new();
+            let now = store.processing_time();
+            b.record(key, store.bucket_for(now), record(now));
+            b.checkpoint("t", 0, 10);
+            store.commit(b).unwrap();
+        }
+        let store = open(dir.path(), &clock);
+        assert_eq!(store.lookup(&key).unwrap().unwrap().source_offset, 9);
+        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(10));
+        assert_eq!(store.checkpoint("t", 1).unwrap(), None);
+        assert_eq!(store.live_buckets().len(), 1);
+        assert_eq!(store.checkpoints().unwrap(), vec![("t".to_string(), 0, 10)]);
+    }
+
+    #[test]
+    fn bucket_is_dropped_only_a_full_window_after_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(100 * HOUR);
+        let store = open(dir.path(), &clock);
+        let key = ScopedKeyHash::new("s", &IdempotencyKey(b"k".to_vec()));
+        let mut b = StoreBatch::new();
+        let now = store.processing_time();
+        b.record(key, store.bucket_for(now), record(now));
+        store.commit(b).unwrap();
+        // Bucket [100h, 101h) expires at 101h + 24h = 125h.
+        assert!(store.expire(125 * HOUR - 1).unwrap().is_empty());
+        assert!(store.lookup(&key).unwrap().is_some());
+        assert_eq!(store.expire(125 * HOUR).unwrap().len(), 1);
+        assert!(store.lookup(&key).unwrap().is_none());
+        assert!(store.live_buckets().is_empty());
+    }
+
+    #[test]
+    fn clock_that_jumps_back_is_clamped_and_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(10 * HOUR);
+        {
+            let store = open(dir.path(), &clock);
+            assert_eq!(store.processing_time(), 10 * HOUR);
+            let mut b = StoreBatch::new();
+            b.checkpoint("t", 0, 1);
+            store.commit(b).unwrap();
+        }
+        clock.set(8 * HOUR);
+        let store = open(dir.path(), &clock);
+        assert_eq!(store.processing_time(), 10 * HOUR);
+        assert_eq!(store.clock_clamps(), 1);
+    }
+
+    #[test]
+    fn reopening_with_another_bucket_width_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(0);
+        drop(open(dir.path(), &clock));
+        let opts = StoreOptions {
+            bucket_secs: 600,
+            ..StoreOptions::default()
+        };
+        let err = DedupStore::open(dir.path(), opts, Arc::new(clock))
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            StoreError::BucketWidthChanged {
+                stored: 3600,
+                configured: 600,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn checkpoint_keys_round_trip() {
+        let k = checkpoint_key("pay.ments", -1);
+        assert_eq!(parse_checkpoint_key(&k), Some(("pay.ments".into(), -1)));
+    }
+}

@@ -1,0 +1,193 @@
+//! Shared set-up of the integration tests: a real Kafka-protocol broker whose
+//! address comes from `IDEM_TEST_BROKERS` (scripts/test.sh starts one), unique
+//! topic and group names per test, and readers of the broker's view of the
+//! truth (committed offsets, log-end offsets, dead letters).
+#![allow(dead_code)]
+
+use idem::config::Config;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn brokers() -> String {
+    std::env::var("IDEM_TEST_BROKERS").expect(
+        "IDEM_TEST_BROKERS is not set: run the tests with scripts/test.sh (or `make test`), \
+         which starts a local broker, or point it at a Kafka-protocol broker",
+    )
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000_000;
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+pub fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let res = futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new())).unwrap();
+    for r in res {
+        r.unwrap();
+    }
+    // Wait until the metadata shows every partition.
+    let c = plain_consumer("meta");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(md) = c.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            if md.topics().iter().any(|t| {
+                t.name() == topic
+                    && t.partitions().len() == partitions as usize
+                    && t.error().is_none()
+            }) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "topic {topic} did not appear");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A worker configuration for tests: quick rebalances.
+pub fn config(topic: &str, group: &str, store: &Path) -> Config {
+    let mut c = Config {
+        brokers: brokers(),
+        group_id: group.into(),
+        topics: vec![topic.into()],
+        store_dir: store.to_path_buf(),
+        ..Config::default()
+    };
+    c.kafka.insert(
+        "session.timeout.ms".into(),
+        toml::Value::String("6000".into()),
+    );
+    c.kafka.insert(
+        "heartbeat.interval.ms".into(),
+        toml::Value::String("500".into()),
+    );
+    c
+}
+
+/// The environment that makes a child `idem run` use quick rebalances.
+pub fn child_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("IDEM_KAFKA__SESSION_TIMEOUT_MS", "6000"),
+        ("IDEM_KAFKA__HEARTBEAT_INTERVAL_MS", "500"),
+        ("RUST_LOG", "info,rdkafka=warn"),
+    ]
+}
+
+pub fn plain_consumer(group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap()
+}
+
+/// Log-end offsets (high watermarks) of every partition.
+pub fn log_end(topic: &str, partitions: i32) -> Vec<i64> {
+    let c = plain_consumer("watermarks");
+    (0..partitions)
+        .map(|p| {
+            c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .collect()
+}
+
+/// The group's committed offsets of every partition (-1 when none).
+pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let c = plain_consumer(group);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).unwrap().offset() {
+            Offset::Offset(o) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// Commits `offset` for every partition on behalf of an idle group: the
+/// operator's "reset offsets" of a rewind.
+pub fn rewind_group(group: &str, topic: &str, partitions: i32, offset: i64) {
+    let c = plain_consumer(group);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Offset(offset))
+            .unwrap();
+    }
+    c.commit(&tpl, rdkafka::consumer::CommitMode::Sync).unwrap();
+}
+
+/// Every message of `topic`, read by assignment (no group).
+pub fn read_all(topic: &str, partitions: i32) -> Vec<OwnedMessage> {
+    let ends = log_end(topic, partitions);
+    let total: i64 = ends.iter().sum();
+    let c = plain_consumer("reader");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (out.len() as i64) < total {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {total} messages of {topic}",
+            out.len()
+        );
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            out.push(m.unwrap().detach());
+        }
+    }
+    out
+}
+
+pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    use rdkafka::message::Headers;
+    let hs = m.headers()?;
+    hs.iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+pub fn offset_of(m: &OwnedMessage) -> (i32, i64) {
+    (m.partition(), m.offset())
+}
+
+/// Parses the `{"summary": {...}}` line a child `idem run` prints at exit.
+pub fn parse_summary(stdout: &str) -> serde_json::Value {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("{\"summary\""))
+        .unwrap_or_else(|| panic!("no summary line in child output:\n{stdout}"));
+    serde_json::from_str::<serde_json::Value>(line).unwrap()["summary"].clone()
+}

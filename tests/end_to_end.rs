@@ -1,0 +1,186 @@
+//! The main job against a real broker: 10,000 payment events with re-sends and
+//! conflicts, applied exactly once; then redeliveries of every kind are no-ops.
+
+mod common;
+
+use common::*;
+use idem::config::ResumeFrom;
+use idem::handler::ledger::{self, Ledger};
+use idem::key::Fingerprint;
+use idem::pipeline::{RunSummary, StopWhen, Worker};
+use idem::workload::{produce_messages, Role, Workload, WorkloadSpec};
+use rdkafka::Message;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+fn run(config: idem::config::Config) -> (RunSummary, Arc<idem::store::DedupStore>) {
+    let worker = Worker::new(config, Box::new(Ledger)).unwrap();
+    let store = worker.store();
+    let summary = worker
+        .run(Arc::new(AtomicBool::new(false)), StopWhen::CaughtUp)
+        .unwrap();
+    (summary, store)
+}
+
+#[test]
+fn ten_thousand_events_apply_exactly_once_and_every_redelivery_is_a_no_op() {
+    let topic = unique("payments");
+    let group = unique("idem");
+    create_topic(&topic, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let workload = Workload::generate(&WorkloadSpec::default());
+    workload.produce(&brokers(), &topic).unwrap();
+    let config = config(&topic, &group, &dir.path().join("store"));
+
+    // First pass: every unique event applied once.
+    let (first, store) = run(config.clone());
+    assert_eq!(first.consumed, 10_000);
+    assert_eq!(first.handled, 8_950);
+    assert_eq!(first.duplicates, 1_000);
+    assert_eq!(first.conflicts, 50);
+    assert_eq!(
+        first.rejected + first.undecodable + first.tombstones + first.bad_keys,
+        0
+    );
+    assert_eq!(first.unkeyed, 0);
+    assert_eq!(first.cross_partition_duplicates, 0);
+    assert_eq!(first.dead_letters_written, 50);
+    let expected = workload.expected_balances();
+    assert_eq!(ledger::balances(&store).unwrap(), expected);
+    let applied = ledger::applied_counts(&store).unwrap();
+    assert_eq!(applied.len(), 8_950);
+    assert!(applied.values().all(|&n| n == 1));
+    drop(store);
+
+    // The group's committed offset is the log-end offset on every partition.
+    let ends = log_end(&topic, 4);
+    assert_eq!(ends.iter().sum::<i64>(), 10_000);
+    assert_eq!(committed(&group, &topic, 4), ends);
+
+    // 50 conflict records on the dead-letter topic, both fingerprints exact.
+    let by_position: HashMap<(i32, i64), &idem::workload::WorkloadMessage> = {
+        let produced = read_all(&topic, 4);
+        produced
+            .iter()
+            .map(offset_of)
+            .zip(workload_in_partition_order(&workload, &produced))
+            .collect()
+    };
+    let letters = read_all(&format!("{topic}.dlq"), 4);
+    assert_eq!(letters.len(), 50);
+    for l in &letters {
+        assert_eq!(header(l, "idem-kind"), Some("conflict"));
+        assert_eq!(header(l, "idem-source-topic"), Some(topic.as_str()));
+        let p: i32 = header(l, "idem-source-partition").unwrap().parse().unwrap();
+        let o: i64 = header(l, "idem-source-offset").unwrap().parse().unwrap();
+        let first_offset: i64 = header(l, "idem-first-offset").unwrap().parse().unwrap();
+        let conflicting = by_position[&(p, o)];
+        let original = by_position[&(p, first_offset)];
+        assert_eq!(conflicting.role, Role::Conflict);
+        assert_eq!(original.role, Role::Original);
+        assert_eq!(original.event.event_id, conflicting.event.event_id);
+        assert_eq!(
+            header(l, "idem-fingerprint-received").unwrap(),
+            Fingerprint::of(&conflicting.payload).to_hex()
+        );
+        assert_eq!(
+            header(l, "idem-fingerprint-recorded").unwrap(),
+            Fingerprint::of(&original.payload).to_hex()
+        );
+        assert_eq!(l.payload(), Some(conflicting.payload.as_slice()));
+        assert!(header(l, "idem-reason")
+            .unwrap()
+            .starts_with("idempotency key reused with a different payload"));
+    }
+
+    // Restart with nothing new: no handler call, no dedup hit.
+    let (idle, store) = run(config.clone());
+    assert_eq!(
+        (idle.consumed, idle.handler_calls(), idle.duplicates),
+        (0, 0, 0)
+    );
+    drop(store);
+
+    // Rewind the group to the earliest offsets: everything is delivered again
+    // and nothing reaches the handler.
+    rewind_group(&group, &topic, 4, 0);
+    assert_eq!(committed(&group, &topic, 4), vec![0, 0, 0, 0]);
+    let mut rewound = config.clone();
+    rewound.resume_from = ResumeFrom::Group;
+    let (replay, store) = run(rewound);
+    assert_eq!(replay.consumed, 10_000);
+    assert_eq!(replay.handler_calls(), 0);
+    assert_eq!(replay.duplicates, 9_950);
+    assert_eq!(replay.conflicts, 50);
+    assert_eq!(ledger::balances(&store).unwrap(), expected);
+    assert_eq!(committed(&group, &topic, 4), ends);
+    drop(store);
+
+    // One new event per partition: exactly four handler calls.
+    let extra = Workload::generate(&WorkloadSpec {
+        unique: 200,
+        resends: 0,
+        conflicts: 0,
+        seed: 99,
+        id_prefix: "extra",
+        ..WorkloadSpec::default()
+    });
+    let one_per_partition: Vec<_> = (0..4)
+        .map(|p| {
+            extra
+                .messages
+                .iter()
+                .find(|m| m.partition == p)
+                .unwrap()
+                .clone()
+        })
+        .collect();
+    produce_messages(&brokers(), &topic, &one_per_partition).unwrap();
+    let (more, store) = run(config);
+    assert_eq!(more.consumed, 4);
+    assert_eq!(more.handled, 4);
+    assert_eq!(more.duplicates, 0);
+    let mut expected_after = expected.clone();
+    for m in &one_per_partition {
+        *expected_after
+            .entry((m.event.account_id.clone(), m.event.currency.clone()))
+            .or_insert(0) += ledger::balance_delta(&m.event).unwrap();
+    }
+    assert_eq!(ledger::balances(&store).unwrap(), expected_after);
+    assert_eq!(committed(&group, &topic, 4), log_end(&topic, 4));
+}
+
+/// Maps the messages read back from the topic to the workload messages that
+/// produced them: per partition, production order is offset order.
+fn workload_in_partition_order<'w>(
+    workload: &'w Workload,
+    read: &[rdkafka::message::OwnedMessage],
+) -> Vec<&'w idem::workload::WorkloadMessage> {
+    let mut per_partition: HashMap<
+        i32,
+        std::collections::VecDeque<&idem::workload::WorkloadMessage>,
+    > = HashMap::new();
+    for m in &workload.messages {
+        per_partition.entry(m.partition).or_default().push_back(m);
+    }
+    let mut sorted: Vec<_> = read.iter().collect();
+    sorted.sort_by_key(|m| (m.partition(), m.offset()));
+    let mut map: HashMap<(i32, i64), &idem::workload::WorkloadMessage> = HashMap::new();
+    for m in sorted {
+        let w = per_partition
+            .get_mut(&m.partition())
+            .unwrap()
+            .pop_front()
+            .unwrap();
+        assert_eq!(
+            m.payload(),
+            Some(w.payload.as_slice()),
+            "topic order differs from production order"
+        );
+        map.insert((m.partition(), m.offset()), w);
+    }
+    read.iter()
+        .map(|m| map[&(m.partition(), m.offset())])
+        .collect()
+}
