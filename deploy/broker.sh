@@ -17,8 +17,9 @@ if [ "$cmd" = stop ]; then data=${2:-${IDEM_BROKER_DIR:-/tmp/idem-broker}}; fi
 pidfile="$data/broker.pid"
 
 noida() {
-  if ! command -v noida-db >/dev/null 2>&1 \
-     || ! python3 -m pip show noida-db 2>/dev/null | grep -q "^Version: $NOIDA_VERSION$"; then
+  local installed
+  installed=$(python3 -m pip show noida-db 2>/dev/null | sed -n 's/^Version: //p' || true)
+  if ! command -v noida-db >/dev/null 2>&1 || [ "$installed" != "$NOIDA_VERSION" ]; then
     python3 -m pip install --quiet --disable-pip-version-check "noida-db==$NOIDA_VERSION" >&2
   fi
   command -v noida-db

@@ -69,7 +69,15 @@ pub fn partition_count<C: ConsumerContext>(
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists.
-pub fn ensure_topic(config: &Config, topic: &str, partitions: usize) -> anyhow::Result<()> {
+pub fn ensure_topic<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    config: &Config,
+    topic: &str,
+    partitions: usize,
+) -> anyhow::Result<()> {
+    if partition_count(consumer, topic).is_ok_and(|n| n > 0) {
+        return Ok(());
+    }
     let admin: AdminClient<DefaultClientContext> = base_config(config)
         .create()
         .context("creating the Kafka admin client")?;

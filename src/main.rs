@@ -151,7 +151,12 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn demo(json: bool, unique: usize, resends: usize, conflicts: usize) -> anyhow::Result<ExitCode> {
-    idem::telemetry::init(idem::config::LogFormat::Human);
+    // The demo's own summary is the point; per-message warnings (one per
+    // conflict) and librdkafka's notices stay quiet unless RUST_LOG asks.
+    idem::telemetry::init_with_default(
+        idem::config::LogFormat::Human,
+        "warn,idem::pipeline::batch=error,librdkafka=error,rdkafka=error",
+    );
     let opts = idem::demo::DemoOptions {
         spec: idem::workload::WorkloadSpec {
             unique,

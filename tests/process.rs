@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn spawn(topic: &str, group: &str, store: &Path, extra: &[&str], batch: &str) -> Child {
+fn spawn(topic: &str, group: &str, store: &Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
     cmd.args([
         "run",
@@ -29,12 +29,12 @@ fn spawn(topic: &str, group: &str, store: &Path, extra: &[&str], batch: &str) ->
     .arg("--store-dir")
     .arg(store)
     .args(extra)
-    .env("IDEM_BATCH_SIZE", batch)
     .stdout(Stdio::piped())
     .stderr(Stdio::null());
     for (k, v) in child_env() {
         cmd.env(k, v);
     }
+    cmd.envs(env.iter().copied());
     cmd.spawn().unwrap()
 }
 
@@ -80,18 +80,33 @@ fn sigkill_at_five_random_moments_loses_and_doubles_nothing() {
     workload.produce(&brokers(), &topic).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
+    // Static membership: a restarted worker takes its partitions back at once
+    // instead of waiting for the killed member's session to expire.
+    let env = [
+        ("IDEM_BATCH_SIZE", "20"),
+        ("IDEM_KAFKA__GROUP_INSTANCE_ID", "crash-worker"),
+    ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
+    let mut mid_stream_kills = 0;
     for kill_no in 1..=5 {
-        let mut child = spawn(&topic, &group, &store, &[], "50");
-        std::thread::sleep(Duration::from_millis(rng.random_range(1_500..4_500)));
+        let before = progress(&store);
+        let mut child = spawn(&topic, &group, &store, &[], &env);
+        // Kill at a random moment after it has started writing batches.
+        let until = Instant::now() + Duration::from_secs(60);
+        while progress(&store) == before && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..600)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        println!(
-            "kill {kill_no}: {} of 20000 messages durable",
-            progress(&store)
-        );
+        let after = progress(&store);
+        if after > before && after < 20_000 {
+            mid_stream_kills += 1;
+        }
+        println!("kill {kill_no}: {before} -> {after} of 20000 messages durable");
     }
-    let child = spawn(&topic, &group, &store, &["--until-caught-up"], "50");
+    println!("{mid_stream_kills} of 5 kills landed mid-stream");
+    let child = spawn(&topic, &group, &store, &["--until-caught-up"], &env);
     let summary = parse_summary(&stdout_of(child));
     println!("final run: {summary}");
 
@@ -122,7 +137,7 @@ fn sigterm_stops_in_time_commits_what_is_durable_and_restart_reprocesses_nothing
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
 
-    let mut child = spawn(&topic, &group, &store, &[], "20");
+    let mut child = spawn(&topic, &group, &store, &[], &[("IDEM_BATCH_SIZE", "20")]);
     // Let it make some progress, but not finish.
     let until = Instant::now() + Duration::from_secs(60);
     while progress(&store) < 1_000 {
@@ -162,7 +177,7 @@ fn sigterm_stops_in_time_commits_what_is_durable_and_restart_reprocesses_nothing
         &group,
         &store,
         &["--until-caught-up"],
-        "500",
+        &[],
     )));
     let sum = |k: &str| first[k].as_u64().unwrap() + second[k].as_u64().unwrap();
     assert_eq!(sum("consumed"), 20_000);

@@ -138,7 +138,12 @@ impl Worker {
         if config.create_topics {
             for topic in &config.topics {
                 let partitions = kafka::partition_count(&consumer, topic)?;
-                kafka::ensure_topic(&config, &config.dead_letter_topic_for(topic), partitions)?;
+                kafka::ensure_topic(
+                    &consumer,
+                    &config,
+                    &config.dead_letter_topic_for(topic),
+                    partitions,
+                )?;
             }
         }
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -172,6 +177,7 @@ impl Worker {
         let mut last_expiry = Instant::now();
         let mut last_caught_up_check = Instant::now();
         let mut result = Ok(());
+        let mut first_message_at: Option<Instant> = None;
         while !shutdown.load(Ordering::SeqCst) {
             let batch = looper.fill_batch(config.batch_size, linger);
             if batch.is_empty() {
@@ -183,9 +189,13 @@ impl Worker {
                         break;
                     }
                 }
-            } else if let Err(e) = looper.process(&mut processor, &batch) {
-                result = Err(e);
-                break;
+            } else {
+                let began = *first_message_at.get_or_insert_with(Instant::now);
+                if let Err(e) = looper.process(&mut processor, &batch) {
+                    result = Err(e);
+                    break;
+                }
+                stats.set_processing_ms(began.elapsed().as_millis() as u64);
             }
             if last_expiry.elapsed() >= EXPIRY_INTERVAL {
                 last_expiry = Instant::now();

@@ -22,6 +22,7 @@ pub struct Stats {
     dead_letters_written: AtomicU64,
     batches: AtomicU64,
     commit_failures: AtomicU64,
+    processing_ms: AtomicU64,
 }
 
 /// A snapshot of [`Stats`], printed at exit and returned to embedders.
@@ -53,6 +54,9 @@ pub struct RunSummary {
     pub batches: u64,
     /// Offset commits that failed and were retried later.
     pub commit_failures: u64,
+    /// Milliseconds from the first message polled to the last batch
+    /// committed: the busy time, without start-up and idle waits at the end.
+    pub processing_ms: u64,
 }
 
 impl RunSummary {
@@ -108,6 +112,11 @@ impl Stats {
         add(&self.batches, 1);
     }
 
+    /// Sets the busy time so far.
+    pub fn set_processing_ms(&self, ms: u64) {
+        self.processing_ms.store(ms, Ordering::Relaxed);
+    }
+
     /// Counts a failed offset commit.
     pub fn commit_failed(&self) {
         self.commit_failures.fetch_add(1, Ordering::Relaxed);
@@ -130,6 +139,7 @@ impl Stats {
             dead_letters_written: g(&self.dead_letters_written),
             batches: g(&self.batches),
             commit_failures: g(&self.commit_failures),
+            processing_ms: g(&self.processing_ms),
         }
     }
 }
