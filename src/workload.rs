@@ -160,7 +160,7 @@ impl Workload {
                     };
                     let partition =
                         (xxh3_64(account.as_bytes()) % spec.partitions.max(1) as u64) as i32;
-                    let headers = if n % 2 == 0 {
+                    let headers = if n.is_multiple_of(2) {
                         vec![(
                             "Idempotency-Key".to_string(),
                             event.event_id.clone().into_bytes(),

@@ -156,7 +156,7 @@ fn sigterm_stops_in_time_commits_what_is_durable_and_restart_reprocesses_nothing
 
     // What is durable is committed: store checkpoints = group offsets.
     let s = DedupStore::open_read_only(&store).unwrap();
-    let mut ckpt = vec![-1i64; 4];
+    let mut ckpt = [-1i64; 4];
     for (_, p, n) in s.checkpoints().unwrap() {
         ckpt[p as usize] = n;
     }

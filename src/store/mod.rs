@@ -46,6 +46,9 @@ const META_HWM: &[u8] = b"clock_high_water_ms";
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
+/// A raw key and value of a handler column family.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Errors of the dedup store. Callers match on them to decide between
 /// failing closed and asking the operator to act.
 #[derive(Debug, thiserror::Error)]
@@ -423,7 +426,7 @@ impl DedupStore {
     }
 
     /// Every committed (key, value) of a handler column family, in key order.
-    pub fn scan_handler_cf(&self, cf: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan_handler_cf(&self, cf: &str) -> Result<Vec<KeyValue>, StoreError> {
         let handle = self.cf(cf)?;
         self.db
             .iterator_cf(&handle, rocksdb::IteratorMode::Start)
