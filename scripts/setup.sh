@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building idem needs on a fresh Debian machine that has only
 # the Rust toolchain, gcc and python3: libclang for RocksDB's bindgen (without
-# libclang-common-14-dev bindgen fails on stdbool.h). Does nothing when present.
+# libclang-common-14-dev bindgen fails on stdbool.h). Extra Debian packages
+# named as arguments are installed too (scripts/test.sh asks for kcat). Does
+# nothing when everything is present.
 set -euo pipefail
 need=()
-for pkg in libclang1-14 libclang-common-14-dev; do
+for pkg in libclang1-14 libclang-common-14-dev "$@"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

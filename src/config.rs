@@ -194,6 +194,19 @@ impl Config {
         self.scope.as_deref().unwrap_or(&self.group_id)
     }
 
+    /// How this configuration derives, scopes and decodes keys: the same for
+    /// the worker and for a replay, so both decide alike.
+    pub fn decider(&self) -> crate::pipeline::Decider {
+        crate::pipeline::Decider {
+            key_rule: crate::key::KeyRule {
+                header: (!self.key_header.is_empty()).then(|| self.key_header.clone()),
+                field: (!self.key_field.is_empty()).then(|| self.key_field.clone()),
+            },
+            scope: self.scope().to_string(),
+            format: self.payload_format,
+        }
+    }
+
     /// The dead-letter topic for a source topic.
     pub fn dead_letter_topic_for(&self, topic: &str) -> String {
         self.dead_letter_topic.replace("{topic}", topic)
@@ -215,14 +228,20 @@ impl Config {
 
     /// Checks every field; the error names the field and what it allows.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.topics.is_empty() {
+            bail!("`topics` must name at least one topic (config `topics = [..]`, IDEM_TOPICS=a,b or --topic)");
+        }
+        self.validate_except_topics()
+    }
+
+    /// Checks every field but `topics`: for commands such as `replay` that
+    /// name their topic themselves.
+    pub fn validate_except_topics(&self) -> anyhow::Result<()> {
         if self.brokers.trim().is_empty() {
             bail!("`brokers` must be host:port[,host:port...], got an empty value");
         }
         if self.group_id.trim().is_empty() {
             bail!("`group_id` must not be empty");
-        }
-        if self.topics.is_empty() {
-            bail!("`topics` must name at least one topic (config `topics = [..]`, IDEM_TOPICS=a,b or --topic)");
         }
         for t in &self.topics {
             validate_topic_name("topics", t)?;

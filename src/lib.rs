@@ -19,6 +19,7 @@ pub mod key;
 pub mod payload;
 pub mod pipeline;
 pub mod proto;
+pub mod replay;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

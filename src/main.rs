@@ -4,6 +4,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use idem::config::{Config, ResumeFrom};
 use idem::pipeline::{StopWhen, Worker};
+use idem::replay::{Position, Replay};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -38,6 +39,14 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         conflicts: usize,
     },
+    /// Replay a topic (or a dump file) against the store and report what a
+    /// redelivery would do: duplicates (no-ops), new, conflicts, dead letters.
+    /// Dry run unless --apply. Exit status 3 with --expect-no-op when any
+    /// message would reach the handler.
+    Replay(ReplayArgs),
+    /// Write a topic's messages to a file in kcat's JSON envelope (`kcat -C -J`),
+    /// the input format of `replay --file`.
+    Dump(DumpArgs),
     /// Inspect the ledger handler's state.
     Ledger {
         #[command(subcommand)]
@@ -45,23 +54,90 @@ enum Command {
     },
 }
 
+/// Where the configuration comes from; shared by the commands that need it.
 #[derive(clap::Args)]
-struct RunArgs {
+struct ConfigArgs {
     /// Config file (TOML). Default: ./idem.toml when it exists.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers (overrides `brokers`).
     #[arg(long)]
     brokers: Option<String>,
-    /// Consumer group (overrides `group_id`).
+    /// Consumer group (overrides `group_id`; also the default key scope).
     #[arg(long)]
     group_id: Option<String>,
-    /// Topic to consume; repeat for several (overrides `topics`).
-    #[arg(long = "topic")]
-    topics: Vec<String>,
     /// Store directory (overrides `store_dir`).
     #[arg(long)]
     store_dir: Option<PathBuf>,
+}
+
+/// Which messages a replay or dump reads.
+#[derive(clap::Args)]
+struct RangeArgs {
+    /// Only these partitions, e.g. 0,3 (default: all).
+    #[arg(long, value_parser = parse_partitions)]
+    partitions: Option<PartitionList>,
+    /// Start: earliest, latest, an RFC 3339 time, or partition:offset pairs (0:100,3:42).
+    #[arg(long, default_value = "earliest")]
+    from: Position,
+    /// End, exclusive: latest (the log end when the replay starts), a time, or partition:offset pairs.
+    #[arg(long, default_value = "latest")]
+    to: Position,
+}
+
+/// `--partitions 0,3` as one value (a bare `Vec` would make clap expect the
+/// flag once per partition).
+#[derive(Clone)]
+struct PartitionList(Vec<i32>);
+
+fn parse_partitions(s: &str) -> anyhow::Result<PartitionList> {
+    idem::replay::range::parse_partitions(s).map(PartitionList)
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    range: RangeArgs,
+    /// Topic to replay (with --file: only this topic of the dump).
+    #[arg(long, required_unless_present = "file")]
+    topic: Option<String>,
+    /// Replay a dump file (kcat -C -J format, or `idem dump` output) instead of the broker.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Send new messages through the ledger handler and record them (needs the store to itself).
+    #[arg(long)]
+    apply: bool,
+    /// Exit with status 3 when any message would reach (with --apply: reached) the handler.
+    #[arg(long)]
+    expect_no_op: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct DumpArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    range: RangeArgs,
+    /// Topic to dump.
+    #[arg(long)]
+    topic: String,
+    /// Output file; `-` for standard output.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Topic to consume; repeat for several (overrides `topics`).
+    #[arg(long = "topic")]
+    topics: Vec<String>,
     /// Where assigned partitions start (overrides `resume_from`).
     #[arg(long, value_enum)]
     resume_from: Option<ResumeArg>,
@@ -99,6 +175,8 @@ fn main() -> ExitCode {
             resends,
             conflicts,
         } => demo(json, unique, resends, conflicts),
+        Command::Replay(args) => replay(args),
+        Command::Dump(args) => dump(args),
         Command::Ledger {
             command: LedgerCommand::Balances { store, json },
         } => balances(&store, json),
@@ -112,7 +190,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// The configuration: file, then environment, then these flags.
+fn load_config(args: ConfigArgs) -> anyhow::Result<Config> {
     let file = args.config.clone().or_else(|| {
         let default = PathBuf::from("idem.toml");
         default.exists().then_some(default)
@@ -124,11 +203,16 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(g) = args.group_id {
         config.group_id = g;
     }
-    if !args.topics.is_empty() {
-        config.topics = args.topics;
-    }
     if let Some(d) = args.store_dir {
         config.store_dir = d;
+    }
+    Ok(config)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut config = load_config(args.config)?;
+    if !args.topics.is_empty() {
+        config.topics = args.topics;
     }
     if let Some(r) = args.resume_from {
         config.resume_from = match r {
@@ -177,6 +261,78 @@ fn demo(json: bool, unique: usize, resends: usize, conflicts: usize) -> anyhow::
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let config = load_config(args.config)?;
+    config.validate_except_topics()?;
+    idem::telemetry::init_with_default(config.log_format, "warn,librdkafka=error,rdkafka=error");
+    let mut replay = match (&args.file, &args.topic) {
+        (Some(path), topic) => {
+            let r = Replay::file(config, path);
+            match topic {
+                Some(t) => r.only_topic(t),
+                None => r,
+            }
+        }
+        (None, Some(topic)) => Replay::topic(config, topic),
+        (None, None) => anyhow::bail!("name a --topic to replay, or a dump --file"),
+    };
+    replay = replay
+        .from(args.range.from)
+        .to(args.range.to)
+        .show_progress(true);
+    if let Some(PartitionList(ps)) = args.range.partitions {
+        replay = replay.partitions(ps);
+    }
+    let report = if args.apply {
+        replay.apply(Box::new(idem::handler::ledger::Ledger))?
+    } else {
+        replay.run()?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(if args.expect_no_op && !report.no_op {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn dump(args: DumpArgs) -> anyhow::Result<ExitCode> {
+    let config = load_config(args.config)?;
+    config.validate_except_topics()?;
+    idem::telemetry::init_with_default(config.log_format, "warn,librdkafka=error,rdkafka=error");
+    let partitions = args.range.partitions.as_ref().map(|p| p.0.as_slice());
+    let n = if args.out.as_os_str() == "-" {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        idem::replay::dump(
+            &config,
+            &args.topic,
+            partitions,
+            &args.range.from,
+            &args.range.to,
+            &mut out,
+        )?
+    } else {
+        let file = std::fs::File::create(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        idem::replay::dump(
+            &config,
+            &args.topic,
+            partitions,
+            &args.range.from,
+            &args.range.to,
+            &mut out,
+        )?
+    };
+    eprintln!("dumped {n} messages of {}", args.topic);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn balances(store: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {

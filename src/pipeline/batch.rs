@@ -10,8 +10,8 @@
 
 use crate::dlq::{DeadLetter, DeadLetterKind, DeadLetters};
 use crate::handler::{Delivery, Handler, Verdict};
-use crate::key::{Fingerprint, KeyRule, KeySource, ScopedKeyHash};
-use crate::payload::{decode, PayloadFormat};
+use crate::key::Fingerprint;
+use crate::pipeline::decide::{Decider, Decision};
 use crate::pipeline::rebalance::TopicPartition;
 use crate::pipeline::stats::{BatchCounts, Counted};
 use crate::proto::{DedupRecord, RecordOutcome};
@@ -29,14 +29,14 @@ pub struct BatchProcessor {
     pub handler: Box<dyn Handler>,
     /// Dead-letter producer.
     pub dead_letters: DeadLetters,
-    /// How keys are derived.
-    pub key_rule: KeyRule,
-    /// Scope of every key.
-    pub scope: String,
-    /// Payload encoding.
-    pub format: PayloadFormat,
+    /// How keys are derived, scoped and payloads decoded.
+    pub decider: Decider,
     /// Dead-letter topic per source topic.
     pub dlq_topic: Box<dyn Fn(&str) -> String + Send>,
+    /// Prefix of the checkpoint topic names this processor writes: empty for
+    /// the live worker, `replay:` for a replay with `--apply`, so that a replay
+    /// never moves the live worker's checkpoints.
+    pub checkpoint_prefix: String,
 }
 
 /// What a durable batch lets the caller commit and count.
@@ -45,6 +45,17 @@ pub struct BatchResult {
     pub next_offsets: BTreeMap<TopicPartition, i64>,
     /// Counts, for [`crate::pipeline::stats::Stats`].
     pub counts: BatchCounts,
+    /// The outcome of each message, in the order given.
+    pub outcomes: Vec<MessageOutcome>,
+}
+
+/// The outcome of one message of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageOutcome {
+    /// What happened to it.
+    pub counted: Counted,
+    /// True when it was keyed by topic/partition/offset.
+    pub unkeyed: bool,
 }
 
 fn headers_of(msg: &OwnedMessage) -> Vec<(String, Option<Vec<u8>>)> {
@@ -89,73 +100,54 @@ impl BatchProcessor {
         let mut batch = StoreBatch::new();
         let mut letters = Vec::new();
         let mut counts = BatchCounts::default();
+        let mut outcomes = Vec::with_capacity(messages.len());
         let mut next_offsets = BTreeMap::new();
 
         for msg in messages {
             next_offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
-            let Some(payload) = msg.payload() else {
-                letters.push(self.letter(
-                    msg,
-                    DeadLetterKind::Tombstone,
-                    "null payload (tombstone)".into(),
-                ));
-                counts.count(Counted::Tombstone);
-                continue;
-            };
-            let decoded = match decode(payload, self.format) {
-                Ok(d) => d,
-                Err(e) => {
-                    letters.push(self.letter(
-                        msg,
-                        DeadLetterKind::Undecodable,
-                        format!("undecodable payload: {e}"),
-                    ));
-                    counts.count(Counted::Undecodable);
-                    continue;
-                }
-            };
-            let headers = msg.headers();
-            let header_iter = headers
-                .into_iter()
-                .flat_map(|hs| hs.iter().map(|h| (h.key, h.value)));
-            let (key, source) = match self.key_rule.derive(
-                header_iter,
-                &decoded,
-                msg.topic(),
-                msg.partition(),
-                msg.offset(),
-            ) {
-                Ok(k) => k,
-                Err(e) => {
-                    letters.push(self.letter(
-                        msg,
-                        DeadLetterKind::BadKey,
-                        format!("no usable idempotency key: {e}"),
-                    ));
-                    counts.count(Counted::BadKey);
-                    continue;
-                }
-            };
-            if source == KeySource::Unkeyed {
-                counts.unkeyed += 1;
-                tracing::debug!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
-                    "unkeyed message: using topic/partition/offset, which catches redeliveries but not producer duplicates");
-            }
-            let hash = ScopedKeyHash::new(&self.scope, &key);
-            let fingerprint = Fingerprint::of(payload);
-            let seen = match batch.staged_record(&hash) {
-                Some(r) => Some(r.clone()),
-                None => self.store.lookup(&hash).with_context(|| {
+            let decision = self
+                .decider
+                .decide(msg, |h| batch.staged_record(h).cloned(), &self.store)
+                .with_context(|| {
                     format!(
                         "looking up the key of {}/{}@{}",
                         msg.topic(),
                         msg.partition(),
                         msg.offset()
                     )
-                })?,
-            };
-            if let Some(first) = seen {
-                if first.fingerprint == fingerprint.0 {
+                })?;
+            let unkeyed = decision.unkeyed();
+            if unkeyed {
+                counts.unkeyed += 1;
+                tracing::debug!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
+                    "unkeyed message: using topic/partition/offset, which catches redeliveries but not producer duplicates");
+            }
+            let outcome = match decision {
+                Decision::Tombstone => {
+                    letters.push(self.letter(
+                        msg,
+                        DeadLetterKind::Tombstone,
+                        "null payload (tombstone)".into(),
+                    ));
+                    Counted::Tombstone
+                }
+                Decision::Undecodable(e) => {
+                    letters.push(self.letter(
+                        msg,
+                        DeadLetterKind::Undecodable,
+                        format!("undecodable payload: {e}"),
+                    ));
+                    Counted::Undecodable
+                }
+                Decision::BadKey(e) => {
+                    letters.push(self.letter(
+                        msg,
+                        DeadLetterKind::BadKey,
+                        format!("no usable idempotency key: {e}"),
+                    ));
+                    Counted::BadKey
+                }
+                Decision::Duplicate { first, .. } => {
                     if first.source_partition != msg.partition()
                         || first.source_topic != msg.topic()
                     {
@@ -164,8 +156,11 @@ impl BatchProcessor {
                             first_topic = %first.source_topic, first_partition = first.source_partition,
                             "duplicate arrived on another partition than its first copy: this topic is keyed so that a scaled-out group cannot dedup it");
                     }
-                    counts.count(Counted::Duplicate);
-                } else {
+                    Counted::Duplicate
+                }
+                Decision::Conflict {
+                    first, received, ..
+                } => {
                     let recorded = Fingerprint::from_slice(&first.fingerprint)
                         .map(|f| f.to_hex())
                         .unwrap_or_else(|| hex::encode(&first.fingerprint));
@@ -179,67 +174,73 @@ impl BatchProcessor {
                     );
                     l.extra = vec![
                         ("idem-fingerprint-recorded", recorded),
-                        ("idem-fingerprint-received", fingerprint.to_hex()),
+                        ("idem-fingerprint-received", received.to_hex()),
                         ("idem-first-offset", first.source_offset.to_string()),
                     ];
                     letters.push(l);
-                    counts.count(Counted::Conflict);
+                    Counted::Conflict
                 }
-                continue;
-            }
-            let delivery = Delivery {
-                topic: msg.topic(),
-                partition: msg.partition(),
-                offset: msg.offset(),
-                timestamp_ms: msg.timestamp().to_millis(),
-                key: &key,
-                key_source: source,
-                payload,
-                decoded: &decoded,
+                Decision::New(fresh) => {
+                    let delivery = Delivery {
+                        topic: msg.topic(),
+                        partition: msg.partition(),
+                        offset: msg.offset(),
+                        timestamp_ms: msg.timestamp().to_millis(),
+                        key: &fresh.key,
+                        key_source: fresh.source,
+                        payload: msg.payload().unwrap_or_default(),
+                        decoded: &fresh.decoded,
+                    };
+                    let mut txn = batch.handler_txn(&self.store);
+                    let verdict = self.handler.handle(&delivery, &mut txn).with_context(|| {
+                        format!(
+                            "handler `{}` failed on {}/{}@{}",
+                            self.handler.name(),
+                            msg.topic(),
+                            msg.partition(),
+                            msg.offset()
+                        )
+                    })?;
+                    let (counted, recorded) = match verdict {
+                        Verdict::Handled => {
+                            txn.keep();
+                            (Counted::Handled, RecordOutcome::Handled)
+                        }
+                        Verdict::Rejected(reason) => {
+                            drop(txn);
+                            letters.push(self.letter(
+                                msg,
+                                DeadLetterKind::Rejected,
+                                format!("handler rejected: {reason}"),
+                            ));
+                            (Counted::Rejected, RecordOutcome::Rejected)
+                        }
+                    };
+                    batch.record(
+                        fresh.hash,
+                        bucket,
+                        DedupRecord {
+                            fingerprint: fresh.fingerprint.0.to_vec(),
+                            first_seen_ms: now,
+                            source_topic: msg.topic().to_string(),
+                            source_partition: msg.partition(),
+                            source_offset: msg.offset(),
+                            outcome: recorded as i32,
+                        },
+                    );
+                    counted
+                }
             };
-            let mut txn = batch.handler_txn(&self.store);
-            let verdict = self.handler.handle(&delivery, &mut txn).with_context(|| {
-                format!(
-                    "handler `{}` failed on {}/{}@{}",
-                    self.handler.name(),
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset()
-                )
-            })?;
-            let outcome = match verdict {
-                Verdict::Handled => {
-                    txn.keep();
-                    counts.count(Counted::Handled);
-                    RecordOutcome::Handled
-                }
-                Verdict::Rejected(reason) => {
-                    drop(txn);
-                    letters.push(self.letter(
-                        msg,
-                        DeadLetterKind::Rejected,
-                        format!("handler rejected: {reason}"),
-                    ));
-                    counts.count(Counted::Rejected);
-                    RecordOutcome::Rejected
-                }
-            };
-            batch.record(
-                hash,
-                bucket,
-                DedupRecord {
-                    fingerprint: fingerprint.0.to_vec(),
-                    first_seen_ms: now,
-                    source_topic: msg.topic().to_string(),
-                    source_partition: msg.partition(),
-                    source_offset: msg.offset(),
-                    outcome: outcome as i32,
-                },
-            );
+            counts.count(outcome);
+            outcomes.push(MessageOutcome {
+                counted: outcome,
+                unkeyed,
+            });
         }
 
         for ((topic, partition), next) in &next_offsets {
-            batch.checkpoint(topic, *partition, *next);
+            let name = format!("{}{topic}", self.checkpoint_prefix);
+            batch.checkpoint(&name, *partition, *next);
         }
         if !letters.is_empty() {
             self.dead_letters
@@ -253,6 +254,7 @@ impl BatchProcessor {
         Ok(BatchResult {
             next_offsets,
             counts,
+            outcomes,
         })
     }
 }
@@ -267,6 +269,8 @@ mod tests {
     use crate::config::Config;
     use crate::handler::ledger::Ledger;
     use crate::handler::HandlerTxn;
+    use crate::key::KeyRule;
+    use crate::payload::PayloadFormat;
     use crate::proto::PaymentEvent;
     use crate::store::StoreOptions;
     use prost::Message as _;
@@ -340,13 +344,16 @@ mod tests {
             store: store.clone(),
             handler: Box::new(handler),
             dead_letters: DeadLetters::new(&config).unwrap(),
-            key_rule: KeyRule {
-                header: Some("Idempotency-Key".into()),
-                field: Some("/event_id".into()),
+            decider: Decider {
+                key_rule: KeyRule {
+                    header: Some("Idempotency-Key".into()),
+                    field: Some("/event_id".into()),
+                },
+                scope: "s".into(),
+                format: PayloadFormat::Auto,
             },
-            scope: "s".into(),
-            format: PayloadFormat::Auto,
             dlq_topic: Box::new(|t: &str| format!("{t}.dlq")),
+            checkpoint_prefix: String::new(),
         };
         let batch = [
             msg(0, 0, &event("e1", 10)),

@@ -14,10 +14,12 @@
 //! worker; a slow handler therefore slows every partition of this worker.
 
 mod batch;
+pub mod decide;
 pub mod rebalance;
 mod stats;
 
-pub use batch::{BatchProcessor, BatchResult};
+pub use batch::{BatchProcessor, BatchResult, MessageOutcome};
+pub use decide::{Decider, Decision};
 pub use rebalance::{Assignment, IdemContext, TopicPartition};
 pub use stats::{BatchCounts, Counted, RunSummary, Stats};
 
@@ -26,7 +28,6 @@ use crate::config::Config;
 use crate::dlq::DeadLetters;
 use crate::handler::Handler;
 use crate::kafka;
-use crate::key::KeyRule;
 use crate::store::{DedupStore, StoreOptions};
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
@@ -157,13 +158,9 @@ impl Worker {
             store: store.clone(),
             handler,
             dead_letters: DeadLetters::new(&config)?,
-            key_rule: KeyRule {
-                header: (!config.key_header.is_empty()).then(|| config.key_header.clone()),
-                field: (!config.key_field.is_empty()).then(|| config.key_field.clone()),
-            },
-            scope: config.scope().to_string(),
-            format: config.payload_format,
+            decider: config.decider(),
             dlq_topic: Box::new(move |t: &str| dlq_template.dead_letter_topic_for(t)),
+            checkpoint_prefix: String::new(),
         };
         let mut looper = Loop {
             consumer: &consumer,

@@ -169,6 +169,12 @@ impl DedupStore {
     /// on it: for inspection commands and tests. The bucket width is taken
     /// from the store itself. Writes fail.
     pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        Self::open_read_only_with_window(path, StoreOptions::default().window_ms)
+    }
+
+    /// Like [`DedupStore::open_read_only`], judging expiry by `window_ms`
+    /// (the configured window) so that lookups see what the worker sees.
+    pub fn open_read_only_with_window(path: &Path, window_ms: i64) -> Result<Self, StoreError> {
         if !path.join("CURRENT").exists() {
             return Err(StoreError::Corrupt {
                 what: "store directory",
@@ -177,6 +183,7 @@ impl DedupStore {
         }
         let opts = StoreOptions {
             bucket_secs: 1,
+            window_ms,
             ..StoreOptions::default()
         };
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
@@ -191,7 +198,15 @@ impl DedupStore {
                 what: "metadata",
                 detail: "no bucket width recorded".into(),
             })?;
+        let hwm = store
+            .db
+            .get_cf(&meta, META_HWM)
+            .map_err(rocks("read the clock high-water mark"))?
+            .and_then(|v| v.as_slice().try_into().ok().map(i64::from_be_bytes));
         drop(meta);
+        if let Some(hwm) = hwm {
+            store.high_water_ms.store(hwm, Ordering::SeqCst);
+        }
         store.opts.bucket_secs = width as i64;
         Ok(store)
     }
@@ -355,9 +370,19 @@ impl DedupStore {
             .collect()
     }
 
-    /// The record of `key` in any live bucket, newest bucket first.
+    /// The record of `key` in any live bucket, newest bucket first. A bucket
+    /// that has expired but is not dropped yet (expiry runs on a timer) is not
+    /// consulted, so whether a key is remembered depends only on the window,
+    /// never on when the expiry timer last ran.
     pub fn lookup(&self, key: &ScopedKeyHash) -> Result<Option<DedupRecord>, StoreError> {
+        let now = self
+            .clock
+            .now_ms()
+            .max(self.high_water_ms.load(Ordering::SeqCst));
         for bucket in self.live_buckets() {
+            if bucket.expires_at_ms(self.opts.window_ms) <= now {
+                continue;
+            }
             // A bucket dropped since the list was taken has no handle: skip it.
             // A handle taken keeps the column family alive for this read.
             let Some(cf) = self.db.cf_handle(&bucket.name()) else {

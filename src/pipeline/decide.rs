@@ -1,0 +1,153 @@
+//! The decision of one message, before anything is handled or written: what
+//! is it (a tombstone, undecodable, unkeyable), and if it has a key, has that
+//! key been seen, with the same payload or another?
+//!
+//! Guarantee: the worker's batches and the replay command decide with this one
+//! function, so a replay's "would be a duplicate" means exactly what the
+//! worker would do with the same message against the same store. Nothing here
+//! writes; the caller supplies the records staged but not yet written (the
+//! rest of its batch) so a key seen twice in one batch is caught.
+
+use crate::key::{Fingerprint, IdempotencyKey, KeyError, KeyRule, KeySource, ScopedKeyHash};
+use crate::payload::{decode, DecodeError, Decoded, PayloadFormat};
+use crate::proto::DedupRecord;
+use crate::store::{DedupStore, StoreError};
+use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
+
+/// How a worker derives and scopes the keys of its messages.
+#[derive(Debug, Clone)]
+pub struct Decider {
+    /// How keys are derived.
+    pub key_rule: KeyRule,
+    /// Scope of every key.
+    pub scope: String,
+    /// Payload encoding.
+    pub format: PayloadFormat,
+}
+
+/// A message whose key has not been seen: it goes to the handler.
+#[derive(Debug)]
+pub struct Fresh {
+    /// The idempotency key.
+    pub key: IdempotencyKey,
+    /// Where the key came from.
+    pub source: KeySource,
+    /// The store key.
+    pub hash: ScopedKeyHash,
+    /// The payload fingerprint to record.
+    pub fingerprint: Fingerprint,
+    /// The decoded payload.
+    pub decoded: Decoded,
+}
+
+/// What one message is, before any handler runs.
+#[derive(Debug)]
+pub enum Decision {
+    /// A null payload.
+    Tombstone,
+    /// The payload does not decode.
+    Undecodable(DecodeError),
+    /// No usable key (e.g. disagreeing key headers).
+    BadKey(KeyError),
+    /// The key was seen with the same payload: a no-op.
+    Duplicate {
+        /// The record of the first copy.
+        first: DedupRecord,
+        /// The idempotency key.
+        key: IdempotencyKey,
+        /// Where the key came from.
+        source: KeySource,
+    },
+    /// The key was seen with another payload.
+    Conflict {
+        /// The record of the first copy.
+        first: DedupRecord,
+        /// The fingerprint of this copy.
+        received: Fingerprint,
+        /// The idempotency key.
+        key: IdempotencyKey,
+        /// Where the key came from.
+        source: KeySource,
+    },
+    /// A new key.
+    New(Fresh),
+}
+
+impl Decision {
+    /// The idempotency key, when the message has a usable one.
+    pub fn key(&self) -> Option<&IdempotencyKey> {
+        match self {
+            Decision::Duplicate { key, .. } | Decision::Conflict { key, .. } => Some(key),
+            Decision::New(f) => Some(&f.key),
+            _ => None,
+        }
+    }
+
+    /// True when the key came from topic/partition/offset because no
+    /// configured source matched.
+    pub fn unkeyed(&self) -> bool {
+        let source = match self {
+            Decision::Duplicate { source, .. } | Decision::Conflict { source, .. } => *source,
+            Decision::New(f) => f.source,
+            _ => return false,
+        };
+        source == KeySource::Unkeyed
+    }
+}
+
+impl Decider {
+    /// Decides `msg`: first against `staged` (records of the caller's batch
+    /// not yet written), then against the store.
+    pub fn decide(
+        &self,
+        msg: &OwnedMessage,
+        staged: impl FnOnce(&ScopedKeyHash) -> Option<DedupRecord>,
+        store: &DedupStore,
+    ) -> Result<Decision, StoreError> {
+        let Some(payload) = msg.payload() else {
+            return Ok(Decision::Tombstone);
+        };
+        let decoded = match decode(payload, self.format) {
+            Ok(d) => d,
+            Err(e) => return Ok(Decision::Undecodable(e)),
+        };
+        let headers = msg.headers();
+        let header_iter = headers
+            .into_iter()
+            .flat_map(|hs| hs.iter().map(|h| (h.key, h.value)));
+        let (key, source) = match self.key_rule.derive(
+            header_iter,
+            &decoded,
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+        ) {
+            Ok(k) => k,
+            Err(e) => return Ok(Decision::BadKey(e)),
+        };
+        let hash = ScopedKeyHash::new(&self.scope, &key);
+        let fingerprint = Fingerprint::of(payload);
+        let seen = match staged(&hash) {
+            Some(r) => Some(r),
+            None => store.lookup(&hash)?,
+        };
+        Ok(match seen {
+            Some(first) if first.fingerprint == fingerprint.0 => {
+                Decision::Duplicate { first, key, source }
+            }
+            Some(first) => Decision::Conflict {
+                first,
+                received: fingerprint,
+                key,
+                source,
+            },
+            None => Decision::New(Fresh {
+                key,
+                source,
+                hash,
+                fingerprint,
+                decoded,
+            }),
+        })
+    }
+}
