@@ -35,6 +35,58 @@ pub enum ResumeFrom {
     Group,
 }
 
+/// Which time decides the bucket a record is filed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BucketClock {
+    /// When idem processed the message (never runs backwards).
+    #[default]
+    Processing,
+    /// The Kafka message timestamp, so a replay of an old topic files its
+    /// records the same way every time. A timestamp that is missing, in the
+    /// future, or older than the window falls back to the processing clock
+    /// and is counted (`event_time_fallbacks`).
+    Event,
+}
+
+/// What happens when the store would pass `max_store_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreFull {
+    /// Stop handling (the worker exits with the reason; nothing of the batch
+    /// is committed). For payments: never forget a key early.
+    #[default]
+    FailClosed,
+    /// Drop the oldest bucket before its window ends, with a loud warning and
+    /// a count, so the worker keeps going with a shorter effective window.
+    DropOldest,
+}
+
+/// Per-topic overrides of how keys are derived, scoped and decoded
+/// (`[topic_rules.<topic>]`); what is not set comes from the top level.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicRules {
+    /// Header with the key; `""` disables.
+    pub key_header: Option<String>,
+    /// JSON pointer (or `PaymentEvent` field) with the key; `""` disables.
+    pub key_field: Option<String>,
+    /// A semantic or composed key (see [`crate::key::CompositeKey`]).
+    pub key: Option<crate::key::CompositeKey>,
+    /// The scope of this topic's keys (a step of a flow: `capture`, `ship`).
+    pub scope: Option<String>,
+    /// How this topic's payloads are encoded.
+    pub payload_format: Option<PayloadFormat>,
+}
+
+/// A named scope's own settings (`[scopes.<name>]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    /// How long a key of this scope is remembered, at most `window_secs`.
+    pub window_secs: u64,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -72,6 +124,18 @@ pub struct Config {
     pub window_secs: u64,
     /// Width of a dedup bucket, seconds.
     pub bucket_secs: u64,
+    /// Whether a duplicate re-files its record into the current bucket, so
+    /// the window counts from the last sighting. Default false: the window
+    /// counts from the first sighting, as payment APIs promise ("a key is
+    /// remembered for 24 h"), and a key retried forever is eventually new.
+    pub refresh_on_duplicate: bool,
+    /// `processing` or `event`: which time files a record into a bucket.
+    pub bucket_clock: BucketClock,
+    /// Largest size of the store in bytes; 0 means no cap.
+    pub max_store_bytes: u64,
+    /// What happens over `max_store_bytes`: `fail_closed` (stop handling)
+    /// or `drop_oldest` (forget the oldest keys early, loudly).
+    pub on_store_full: OnStoreFull,
     /// Most messages in one batch (one RocksDB write, one fsync).
     pub batch_size: usize,
     /// How long to wait for a batch to fill, milliseconds.
@@ -88,6 +152,12 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// `human` or `json`.
     pub log_format: LogFormat,
+    /// A semantic or composed key, tried after the header and the field.
+    pub key: Option<crate::key::CompositeKey>,
+    /// Per-topic overrides of key, scope and payload format.
+    pub topic_rules: BTreeMap<String, TopicRules>,
+    /// Named scopes with their own (shorter) windows.
+    pub scopes: BTreeMap<String, ScopeConfig>,
     /// librdkafka properties passed through (security, tuning).
     pub kafka: BTreeMap<String, toml::Value>,
 }
@@ -106,6 +176,10 @@ impl Default for Config {
             key_field: "/event_id".into(),
             window_secs: 24 * 3600,
             bucket_secs: 3600,
+            refresh_on_duplicate: false,
+            bucket_clock: BucketClock::Processing,
+            max_store_bytes: 0,
+            on_store_full: OnStoreFull::FailClosed,
             batch_size: 500,
             batch_linger_ms: 10,
             dead_letter_topic: "{topic}.dlq".into(),
@@ -114,6 +188,9 @@ impl Default for Config {
             resume_from: ResumeFrom::Newest,
             shutdown_timeout_secs: 30,
             log_format: LogFormat::Human,
+            key: None,
+            topic_rules: BTreeMap::new(),
+            scopes: BTreeMap::new(),
             kafka: BTreeMap::new(),
         }
     }
@@ -140,6 +217,10 @@ const ENV_FIELDS: &[(&str, Kind)] = &[
     ("key_field", Kind::Str),
     ("window_secs", Kind::Int),
     ("bucket_secs", Kind::Int),
+    ("refresh_on_duplicate", Kind::Bool),
+    ("bucket_clock", Kind::Str),
+    ("max_store_bytes", Kind::Int),
+    ("on_store_full", Kind::Str),
     ("batch_size", Kind::Int),
     ("batch_linger_ms", Kind::Int),
     ("dead_letter_topic", Kind::Str),
@@ -197,14 +278,26 @@ impl Config {
     /// How this configuration derives, scopes and decodes keys: the same for
     /// the worker and for a replay, so both decide alike.
     pub fn decider(&self) -> crate::pipeline::Decider {
-        crate::pipeline::Decider {
-            key_rule: crate::key::KeyRule {
-                header: (!self.key_header.is_empty()).then(|| self.key_header.clone()),
-                field: (!self.key_field.is_empty()).then(|| self.key_field.clone()),
-            },
-            scope: self.scope().to_string(),
-            format: self.payload_format,
+        let rule = |o: &TopicRules| {
+            let header = o.key_header.as_ref().unwrap_or(&self.key_header);
+            let field = o.key_field.as_ref().unwrap_or(&self.key_field);
+            let scope = o.scope.as_deref().unwrap_or(self.scope()).to_string();
+            crate::pipeline::TopicRule {
+                key_rule: crate::key::KeyRule {
+                    header: (!header.is_empty()).then(|| header.clone()),
+                    field: (!field.is_empty()).then(|| field.clone()),
+                    composite: o.key.clone().or_else(|| self.key.clone()),
+                },
+                window_ms: self.scopes.get(&scope).map(|s| s.window_secs as i64 * 1000),
+                scope,
+                format: o.payload_format.unwrap_or(self.payload_format),
+            }
+        };
+        let mut decider = crate::pipeline::Decider::new(rule(&TopicRules::default()));
+        for (topic, o) in &self.topic_rules {
+            decider = decider.with_topic(topic, rule(o));
         }
+        decider
     }
 
     /// The dead-letter topic for a source topic.
@@ -230,6 +323,14 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.topics.is_empty() {
             bail!("`topics` must name at least one topic (config `topics = [..]`, IDEM_TOPICS=a,b or --topic)");
+        }
+        for t in self.topic_rules.keys() {
+            if !self.topics.contains(t) {
+                bail!(
+                    "`topic_rules.{t}` configures a topic that is not in `topics` {:?}",
+                    self.topics
+                );
+            }
         }
         self.validate_except_topics()
     }
@@ -257,14 +358,7 @@ impl Config {
         if self.scope.as_deref().is_some_and(|s| s.is_empty()) {
             bail!("`scope` must not be empty when set");
         }
-        if self.key_field.contains(char::is_whitespace)
-            || (!self.key_field.is_empty() && !self.key_field.starts_with('/'))
-        {
-            bail!(
-                "`key_field` must be a JSON pointer such as \"/event_id\" (or empty to disable), got {:?}",
-                self.key_field
-            );
-        }
+        validate_key_field("key_field", &self.key_field)?;
         if self.bucket_secs == 0 || self.window_secs == 0 {
             bail!("`window_secs` and `bucket_secs` must be at least 1 second");
         }
@@ -274,6 +368,9 @@ impl Config {
                 self.bucket_secs,
                 self.window_secs
             );
+        }
+        if self.refresh_on_duplicate && self.bucket_clock == BucketClock::Event {
+            bail!("`refresh_on_duplicate = true` needs `bucket_clock = \"processing\"`: with `event` a record's bucket is its message's timestamp");
         }
         if self.window_secs > 366 * 24 * 3600 {
             bail!(
@@ -305,6 +402,30 @@ impl Config {
                 self.shutdown_timeout_secs
             );
         }
+        if let Some(k) = &self.key {
+            k.validate()?;
+        }
+        for (t, o) in &self.topic_rules {
+            if let Some(k) = &o.key {
+                k.validate()
+                    .with_context(|| format!("in `topic_rules.{t}`"))?;
+            }
+            if let Some(f) = &o.key_field {
+                validate_key_field(&format!("topic_rules.{t}.key_field"), f)?;
+            }
+            if o.scope.as_deref().is_some_and(str::is_empty) {
+                bail!("`topic_rules.{t}.scope` must not be empty when set");
+            }
+        }
+        for (name, sc) in &self.scopes {
+            if sc.window_secs == 0 || sc.window_secs > self.window_secs {
+                bail!(
+                    "`scopes.{name}.window_secs` must be between 1 and `window_secs` ({}): the store keeps buckets for `window_secs`; got {}",
+                    self.window_secs,
+                    sc.window_secs
+                );
+            }
+        }
         for (key, value) in &self.kafka {
             if let Some((_, why)) = RESERVED_KAFKA.iter().find(|(k, _)| k == key) {
                 bail!("`kafka.\"{key}\"` cannot be set: {why}");
@@ -315,6 +436,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_key_field(name: &str, field: &str) -> anyhow::Result<()> {
+    if field.contains(char::is_whitespace) || (!field.is_empty() && !field.starts_with('/')) {
+        bail!(
+            "`{name}` must be a JSON pointer such as \"/event_id\" (or empty to disable), got {field:?}"
+        );
+    }
+    Ok(())
 }
 
 fn validate_topic_name(field: &str, t: &str) -> anyhow::Result<()> {
@@ -467,5 +597,65 @@ mod tests {
         std::fs::write(&file, "topix = [\"a\"]\n").unwrap();
         let err = Config::load(Some(&file), env(&[])).unwrap_err();
         assert!(format!("{err:#}").contains("unknown field `topix`"));
+    }
+
+    #[test]
+    fn topic_rules_and_scopes_shape_the_decider() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("idem.toml");
+        std::fs::write(
+            &file,
+            r#"
+topics = ["payments", "shipments"]
+window_secs = 604800
+key = { fields = ["account_id", "amount_minor", "currency"] }
+[topic_rules.shipments]
+scope = "ship"
+key_header = ""
+payload_format = "json"
+[scopes.ship]
+window_secs = 7200
+"#,
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), env(&[])).unwrap();
+        c.validate().unwrap();
+        let d = c.decider();
+        let pay = d.rule("payments");
+        assert_eq!(pay.scope, "idem");
+        assert_eq!(pay.window_ms, None);
+        assert_eq!(pay.key_rule.header.as_deref(), Some("Idempotency-Key"));
+        assert_eq!(pay.key_rule.composite.as_ref().unwrap().fields.len(), 3);
+        let ship = d.rule("shipments");
+        assert_eq!(ship.scope, "ship");
+        assert_eq!(ship.window_ms, Some(7_200_000));
+        assert_eq!(ship.key_rule.header, None);
+        assert_eq!(ship.format, PayloadFormat::Json);
+
+        let mut bad = c.clone();
+        bad.scopes.get_mut("ship").unwrap().window_secs = 604_801;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`scopes.ship.window_secs` must be between 1 and `window_secs` (604800)"));
+        let mut bad = c.clone();
+        bad.topic_rules
+            .insert("refunds".into(), TopicRules::default());
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`topic_rules.refunds` configures a topic that is not in `topics`"));
+        let mut bad = c;
+        bad.key = Some(crate::key::CompositeKey {
+            fields: vec![],
+            parts: vec![],
+        });
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one of `fields`"));
     }
 }

@@ -47,6 +47,11 @@ enum Command {
     /// Write a topic's messages to a file in kcat's JSON envelope (`kcat -C -J`),
     /// the input format of `replay --file`.
     Dump(DumpArgs),
+    /// Inspect the dedup store (read-only; works beside a running worker).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Inspect the ledger handler's state.
     Ledger {
         #[command(subcommand)]
@@ -153,6 +158,55 @@ enum ResumeArg {
 }
 
 #[derive(Subcommand)]
+enum StoreCommand {
+    /// Each bucket's span, estimated keys and bytes; totals; checkpoints.
+    Stats {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The record of one idempotency key.
+    Get {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The key as text (as in the `Idempotency-Key` header or `event_id`).
+        #[arg(long, required_unless_present = "key_hex", conflicts_with = "key_hex")]
+        key: Option<String>,
+        /// The key as hex, for binary keys.
+        #[arg(long)]
+        key_hex: Option<String>,
+        /// Scope of the key (default: the configured scope, i.e. the group id).
+        #[arg(long)]
+        scope: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop the buckets that are past the window now (the worker also does
+    /// this at start-up and on a timer). Needs the store to itself unless --dry-run.
+    Expire {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Only list what would be dropped.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read every record and checkpoint; exit status 4 when anything is wrong.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum LedgerCommand {
     /// Print balances per account and currency.
     Balances {
@@ -177,6 +231,7 @@ fn main() -> ExitCode {
         } => demo(json, unique, resends, conflicts),
         Command::Replay(args) => replay(args),
         Command::Dump(args) => dump(args),
+        Command::Store { command } => store_command(command),
         Command::Ledger {
             command: LedgerCommand::Balances { store, json },
         } => balances(&store, json),
@@ -332,6 +387,147 @@ fn dump(args: DumpArgs) -> anyhow::Result<ExitCode> {
         )?
     };
     eprintln!("dumped {n} messages of {}", args.topic);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_store_read_only(config: &Config) -> anyhow::Result<idem::store::DedupStore> {
+    idem::store::DedupStore::open_read_only_with_window(
+        &config.store_dir,
+        config.window_secs as i64 * 1000,
+    )
+    .with_context(|| {
+        format!(
+            "opening the store at {} read-only",
+            config.store_dir.display()
+        )
+    })
+}
+
+fn print_json_or(
+    json: bool,
+    value: &impl serde::Serialize,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", table());
+    }
+    Ok(())
+}
+
+fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
+    use idem::store::inspect::format_ms;
+    match command {
+        StoreCommand::Stats { config, json } => {
+            let config = load_config(config)?;
+            let stats = open_store_read_only(&config)?.stats()?;
+            print_json_or(json, &stats, || stats.render())?;
+        }
+        StoreCommand::Get {
+            config,
+            key,
+            key_hex,
+            scope,
+            json,
+        } => {
+            let config = load_config(config)?;
+            let raw = match (key, key_hex) {
+                (Some(k), _) => k.into_bytes(),
+                (None, Some(h)) => hex::decode(h.trim()).context("--key-hex is not hex")?,
+                (None, None) => anyhow::bail!("give --key or --key-hex"),
+            };
+            let scope = scope.unwrap_or_else(|| config.scope().to_string());
+            let hash = idem::key::ScopedKeyHash::new(&scope, &idem::key::IdempotencyKey(raw));
+            let store = open_store_read_only(&config)?;
+            let Some((bucket, r)) = store.find(&hash)? else {
+                if json {
+                    println!("{}", serde_json::json!({"found": false, "scope": scope}));
+                } else {
+                    println!("not found in scope {scope:?} (in any live bucket)");
+                }
+                return Ok(ExitCode::from(5));
+            };
+            let outcome = idem::proto::RecordOutcome::try_from(r.outcome)
+                .map(|o| o.as_str_name().to_string())
+                .unwrap_or_else(|_| format!("unknown ({})", r.outcome));
+            let value = serde_json::json!({
+                "found": true,
+                "scope": scope,
+                "bucket": bucket.name(),
+                "first_seen_ms": r.first_seen_ms,
+                "source": {"topic": r.source_topic, "partition": r.source_partition, "offset": r.source_offset},
+                "outcome": outcome,
+                "fingerprint": hex::encode(&r.fingerprint),
+            });
+            print_json_or(json, &value, || {
+                format!(
+                    "scope        {scope}\nbucket       {}\nfirst seen   {}\nsource       {}/{}@{}\noutcome      {outcome}\nfingerprint  {}\n",
+                    bucket.name(),
+                    format_ms(r.first_seen_ms),
+                    r.source_topic,
+                    r.source_partition,
+                    r.source_offset,
+                    hex::encode(&r.fingerprint)
+                )
+            })?;
+        }
+        StoreCommand::Expire {
+            config,
+            dry_run,
+            json,
+        } => {
+            let config = load_config(config)?;
+            let (buckets, verb) = if dry_run {
+                let store = open_store_read_only(&config)?;
+                (store.expired_buckets(store.processing_time()), "would drop")
+            } else {
+                let opts = idem::store::StoreOptions {
+                    window_ms: config.window_secs as i64 * 1000,
+                    bucket_secs: config.bucket_secs as i64,
+                    ..Default::default()
+                };
+                let store = idem::store::DedupStore::open(
+                    &config.store_dir,
+                    opts,
+                    std::sync::Arc::new(idem::clock::SystemClock),
+                )
+                .with_context(|| {
+                    format!(
+                        "opening the store at {} for writing (a running worker holds it, and expires buckets itself)",
+                        config.store_dir.display()
+                    )
+                })?;
+                (store.expire(store.processing_time())?, "dropped")
+            };
+            let names: Vec<String> = buckets.iter().map(|b| b.name()).collect();
+            print_json_or(
+                json,
+                &serde_json::json!({ verb.replace(' ', "_"): names }),
+                || format!("{verb} {} buckets: {}\n", names.len(), names.join(" ")),
+            )?;
+        }
+        StoreCommand::Verify { config, json } => {
+            let config = load_config(config)?;
+            let report = open_store_read_only(&config)?.verify()?;
+            print_json_or(json, &report, || {
+                let mut s = format!(
+                    "{} buckets, {} records, {} checkpoints read; {} problems\n",
+                    report.buckets,
+                    report.records,
+                    report.checkpoints,
+                    report.problems.len()
+                );
+                for p in &report.problems {
+                    s.push_str(&format!("  {p}\n"));
+                }
+                s
+            })?;
+            if !report.problems.is_empty() {
+                return Ok(ExitCode::from(4));
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

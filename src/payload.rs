@@ -107,7 +107,7 @@ pub fn payment_event_field(ev: &PaymentEvent, name: &str) -> Option<String> {
     Some(match name {
         "event_id" => ev.event_id.clone(),
         "account_id" => ev.account_id.clone(),
-        "amount_minor" => ev.amount_minor.to_string(),
+        "amount_minor" | "amount" => ev.amount_minor.to_string(),
         "currency" => ev.currency.clone(),
         "kind" => ev.kind().as_str_name().to_string(),
         "occurred_at_ms" => ev.occurred_at_ms.to_string(),

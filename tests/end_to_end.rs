@@ -184,3 +184,70 @@ fn workload_in_partition_order<'w>(
         .map(|m| map[&(m.partition(), m.offset())])
         .collect()
 }
+
+#[test]
+fn a_replay_after_a_30_hour_outage_is_refused_by_the_ledger_never_applied_twice() {
+    let topic = unique("outage");
+    let group = unique("idem");
+    create_topic(&topic, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let workload = Workload::generate(&WorkloadSpec {
+        unique: 1_000,
+        resends: 100,
+        conflicts: 10,
+        seed: 41,
+        ..WorkloadSpec::default()
+    });
+    workload.produce(&brokers(), &topic).unwrap();
+    let config = config(&topic, &group, &dir.path().join("store"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let clock = idem::clock::ManualClock::new(now);
+    let run_at = |config: idem::config::Config| {
+        let worker = Worker::with_clock(config, Box::new(Ledger), Arc::new(clock.clone())).unwrap();
+        let store = worker.store();
+        let s = worker
+            .run(Arc::new(AtomicBool::new(false)), StopWhen::CaughtUp)
+            .unwrap();
+        (s, store)
+    };
+    let (first, store) = run_at(config.clone());
+    assert_eq!(
+        (first.handled, first.duplicates, first.conflicts),
+        (1_000, 100, 10)
+    );
+    drop(store);
+
+    // 30 hours later the whole topic is delivered again: every dedup record
+    // has expired, so the keys are new to the store; the ledger refuses them.
+    clock.advance(30 * 3_600_000);
+    rewind_group(&group, &topic, 4, 0);
+    let mut rewound = config;
+    rewound.resume_from = ResumeFrom::Group;
+    let (again, store) = run_at(rewound);
+    assert_eq!(again.consumed, 1_110);
+    assert_eq!(again.handled, 0);
+    assert_eq!(again.rejected, 1_000);
+    assert_eq!(again.duplicates, 100);
+    assert_eq!(again.conflicts, 10);
+    assert_eq!(again.dead_letters_written, 1_010);
+    assert_eq!(
+        ledger::balances(&store).unwrap(),
+        workload.expected_balances()
+    );
+    let applied = ledger::applied_counts(&store).unwrap();
+    assert_eq!(applied.len(), 1_000);
+    assert_eq!(applied.values().max(), Some(&1));
+    let letters = read_all(&format!("{topic}.dlq"), 4);
+    let refused = letters
+        .iter()
+        .filter(|l| {
+            header(l, "idem-kind") == Some("rejected")
+                && header(l, "idem-reason")
+                    .is_some_and(|r| r.contains("was already applied to the ledger"))
+        })
+        .count();
+    assert_eq!(refused, 1_000);
+}

@@ -4,7 +4,9 @@
 //! It is the exactly-once reference: its balance changes commit in the same
 //! write batch as the dedup record, so after any crash the balances equal the
 //! sum of the events that are recorded as handled, and the applied-count per
-//! event id (kept for proof) never exceeds 1.
+//! event id (kept for proof) never exceeds 1. The applied-counts are kept for
+//! ever, outside the dedup window: an event redelivered after its dedup record
+//! expired is rejected (dead-lettered with the reason), never applied twice.
 //!
 //! Amounts are i64 minor units; an event that would overflow a balance is
 //! rejected, never wrapped.
@@ -153,6 +155,15 @@ impl Handler for Ledger {
         };
         let akey = applied_key(&id);
         let applied = read_i64(txn.get(LEDGER_CF, &akey)?)?;
+        if applied > 0 {
+            // The dedup record is gone (the window passed, or the store was
+            // restored from an older copy) but the ledger remembers: a ledger
+            // never applies an event twice.
+            return Ok(Verdict::Rejected(format!(
+                "event `{}` was already applied to the ledger; its dedup record is no longer in the window, and the ledger refuses to apply it twice",
+                String::from_utf8_lossy(&id)
+            )));
+        }
         txn.put(LEDGER_CF, bkey, new_balance.to_be_bytes().to_vec());
         txn.put(LEDGER_CF, akey, (applied + 1).to_be_bytes().to_vec());
         Ok(Verdict::Handled)

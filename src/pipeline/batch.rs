@@ -8,6 +8,7 @@
 //! written; they are at-least-once). A key seen twice within one batch, on one
 //! partition or two, reaches the handler once.
 
+use crate::config::BucketClock;
 use crate::dlq::{DeadLetter, DeadLetterKind, DeadLetters};
 use crate::handler::{Delivery, Handler, Verdict};
 use crate::key::Fingerprint;
@@ -37,6 +38,14 @@ pub struct BatchProcessor {
     /// the live worker, `replay:` for a replay with `--apply`, so that a replay
     /// never moves the live worker's checkpoints.
     pub checkpoint_prefix: String,
+    /// Re-file a duplicate's record into the current bucket, so that the
+    /// window counts from the last sighting instead of the first.
+    pub refresh_on_duplicate: bool,
+    /// Which time files a new record.
+    pub bucket_clock: BucketClock,
+    /// Size cap of the store (0: none) and whether to drop the oldest bucket
+    /// (`true`) or fail (`false`) when it is passed.
+    pub size_cap: (u64, bool),
 }
 
 /// What a durable batch lets the caller commit and count.
@@ -95,11 +104,19 @@ impl BatchProcessor {
     /// Decides, writes and returns the committable offsets of `messages`
     /// (each partition's messages in offset order).
     pub fn process(&mut self, messages: &[OwnedMessage]) -> anyhow::Result<BatchResult> {
+        let (max_bytes, drop_oldest) = self.size_cap;
+        let mut counts = BatchCounts::default();
+        if max_bytes > 0 {
+            let dropped = self
+                .store
+                .enforce_size_cap(max_bytes, drop_oldest)
+                .context("checking max_store_bytes (nothing of this batch was handled)")?;
+            counts.early_bucket_drops = dropped.len() as u64;
+        }
         let now = self.store.processing_time();
         let bucket = self.store.bucket_for(now);
         let mut batch = StoreBatch::new();
         let mut letters = Vec::new();
-        let mut counts = BatchCounts::default();
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut next_offsets = BTreeMap::new();
 
@@ -107,7 +124,7 @@ impl BatchProcessor {
             next_offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
             let decision = self
                 .decider
-                .decide(msg, |h| batch.staged_record(h).cloned(), &self.store)
+                .decide(msg, |h| batch.staged_record(h).cloned(), &self.store, now)
                 .with_context(|| {
                     format!(
                         "looking up the key of {}/{}@{}",
@@ -147,7 +164,18 @@ impl BatchProcessor {
                     ));
                     Counted::BadKey
                 }
-                Decision::Duplicate { first, .. } => {
+                Decision::Duplicate { first, hash, .. } => {
+                    let filed_at = first.first_seen_ms.max(first.refreshed_ms);
+                    if self.refresh_on_duplicate && self.store.bucket_for(filed_at) != bucket {
+                        batch.record(
+                            hash,
+                            bucket,
+                            DedupRecord {
+                                refreshed_ms: now,
+                                ..first.clone()
+                            },
+                        );
+                    }
                     if first.source_partition != msg.partition()
                         || first.source_topic != msg.topic()
                     {
@@ -216,9 +244,31 @@ impl BatchProcessor {
                             (Counted::Rejected, RecordOutcome::Rejected)
                         }
                     };
+                    let filed_in = match self.bucket_clock {
+                        BucketClock::Processing => bucket,
+                        BucketClock::Event => {
+                            let window = self.store.options().window_ms;
+                            match msg.timestamp().to_millis().filter(|&ts| ts >= 0) {
+                                Some(ts) if ts <= now && ts > now - window => {
+                                    self.store.bucket_for(ts)
+                                }
+                                other => {
+                                    counts.event_time_fallbacks += 1;
+                                    let why = match other {
+                                        None => "missing",
+                                        Some(ts) if ts > now => "in the future",
+                                        Some(_) => "older than the window",
+                                    };
+                                    tracing::debug!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
+                                        timestamp = ?other, "message timestamp {why}: filing its record by the processing clock");
+                                    bucket
+                                }
+                            }
+                        }
+                    };
                     batch.record(
                         fresh.hash,
-                        bucket,
+                        filed_in,
                         DedupRecord {
                             fingerprint: fresh.fingerprint.0.to_vec(),
                             first_seen_ms: now,
@@ -226,6 +276,7 @@ impl BatchProcessor {
                             source_partition: msg.partition(),
                             source_offset: msg.offset(),
                             outcome: recorded as i32,
+                            refreshed_ms: 0,
                         },
                     );
                     counted
@@ -238,6 +289,12 @@ impl BatchProcessor {
             });
         }
 
+        if counts.event_time_fallbacks > 0 {
+            tracing::warn!(
+                count = counts.event_time_fallbacks,
+                "bucket_clock = event: records filed by the processing clock because their message timestamp was missing, in the future or older than the window"
+            );
+        }
         for ((topic, partition), next) in &next_offsets {
             let name = format!("{}{topic}", self.checkpoint_prefix);
             batch.checkpoint(&name, *partition, *next);
@@ -269,8 +326,9 @@ mod tests {
     use crate::config::Config;
     use crate::handler::ledger::Ledger;
     use crate::handler::HandlerTxn;
-    use crate::key::KeyRule;
+    use crate::key::{IdempotencyKey, KeyRule, ScopedKeyHash};
     use crate::payload::PayloadFormat;
+    use crate::pipeline::decide::TopicRule;
     use crate::proto::PaymentEvent;
     use crate::store::StoreOptions;
     use prost::Message as _;
@@ -279,14 +337,17 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Counts calls, then delegates to the ledger.
-    struct Counting(Arc<AtomicUsize>, Ledger);
+    /// Counts calls, then delegates to the ledger, or (with `None`) accepts
+    /// everything: for tests of the dedup decision alone, which the ledger's
+    /// own refusal of an event applied before would mask.
+    struct Counting(Arc<AtomicUsize>, Option<Ledger>);
 
     impl Handler for Counting {
         fn name(&self) -> &'static str {
             "counting"
         }
         fn column_families(&self) -> Vec<&'static str> {
-            self.1.column_families()
+            Ledger.column_families()
         }
         fn handle(
             &mut self,
@@ -294,7 +355,10 @@ mod tests {
             txn: &mut HandlerTxn<'_>,
         ) -> anyhow::Result<Verdict> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            self.1.handle(d, txn)
+            match &mut self.1 {
+                Some(l) => l.handle(d, txn),
+                None => Ok(Verdict::Handled),
+            }
         }
     }
 
@@ -321,40 +385,56 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_key_twice_in_one_batch_on_two_partitions_reaches_the_handler_once() {
-        let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("t.dlq", 2, 1).unwrap();
+    /// A processor over a fresh store with a counting ledger; the mock
+    /// cluster only receives dead letters.
+    fn processor(
+        cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        dir: &std::path::Path,
+        clock: ManualClock,
+        refresh_on_duplicate: bool,
+    ) -> (BatchProcessor, Arc<AtomicUsize>) {
         let config = Config {
             brokers: cluster.bootstrap_servers(),
             topics: vec!["t".into()],
             ..Config::default()
         };
-        let dir = tempfile::tempdir().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
-        let handler = Counting(calls.clone(), Ledger);
+        let handler = Counting(calls.clone(), Some(Ledger));
         let opts = StoreOptions {
             handler_cfs: handler.column_families(),
             ..StoreOptions::default()
         };
-        let store = Arc::new(
-            DedupStore::open(dir.path(), opts, Arc::new(ManualClock::new(1_000_000))).unwrap(),
-        );
-        let mut p = BatchProcessor {
-            store: store.clone(),
+        let store = Arc::new(DedupStore::open(dir, opts, Arc::new(clock)).unwrap());
+        let p = BatchProcessor {
+            store,
             handler: Box::new(handler),
             dead_letters: DeadLetters::new(&config).unwrap(),
-            decider: Decider {
+            decider: Decider::new(TopicRule {
                 key_rule: KeyRule {
                     header: Some("Idempotency-Key".into()),
                     field: Some("/event_id".into()),
+                    composite: None,
                 },
                 scope: "s".into(),
                 format: PayloadFormat::Auto,
-            },
+                window_ms: None,
+            }),
             dlq_topic: Box::new(|t: &str| format!("{t}.dlq")),
             checkpoint_prefix: String::new(),
+            refresh_on_duplicate,
+            bucket_clock: BucketClock::Processing,
+            size_cap: (0, false),
         };
+        (p, calls)
+    }
+
+    #[test]
+    fn a_key_twice_in_one_batch_on_two_partitions_reaches_the_handler_once() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t.dlq", 2, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, calls) = processor(&cluster, dir.path(), ManualClock::new(1_000_000), false);
+        let store = p.store.clone();
         let batch = [
             msg(0, 0, &event("e1", 10)),
             msg(1, 0, &event("e1", 10)), // same key, same payload, other partition
@@ -376,5 +456,122 @@ mod tests {
         // The same messages again, in a later batch: no handler call.
         p.process(&batch).unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn refresh_on_duplicate_decides_whether_the_window_counts_from_the_last_sighting() {
+        const HOUR: i64 = 3_600_000;
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t.dlq", 1, 1).unwrap();
+        for (refresh, calls_at_30h) in [(false, 2), (true, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let clock = ManualClock::new(1_000 * HOUR);
+            let (mut p, calls) = processor(&cluster, dir.path(), clock.clone(), refresh);
+            p.handler = Box::new(Counting(calls.clone(), None));
+            let m = [msg(0, 0, &event("e1", 10))];
+            p.process(&m).unwrap();
+            // Seen again 20 h later: a duplicate either way.
+            clock.advance(20 * HOUR);
+            let r = p.process(&m).unwrap();
+            assert_eq!(r.outcomes[0].counted, Counted::Duplicate);
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+            // 30 h after the first sighting, 10 h after the last.
+            clock.advance(10 * HOUR);
+            let r = p.process(&m).unwrap();
+            let expected = if refresh {
+                Counted::Duplicate
+            } else {
+                Counted::Handled
+            };
+            assert_eq!(
+                r.outcomes[0].counted, expected,
+                "refresh_on_duplicate = {refresh}"
+            );
+            assert_eq!(calls.load(Ordering::SeqCst), calls_at_30h);
+        }
+    }
+
+    #[test]
+    fn event_clock_files_by_timestamp_and_falls_back_for_missing_future_and_old_ones() {
+        const HOUR: i64 = 3_600_000;
+        let now = 1_000 * HOUR + 1_234;
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t.dlq", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, calls) = processor(&cluster, dir.path(), ManualClock::new(now), false);
+        p.bucket_clock = BucketClock::Event;
+        let at = |offset: i64, id: &str, ts: Timestamp| {
+            OwnedMessage::new(
+                Some(event(id, 1).encode_to_vec()),
+                None,
+                "t".into(),
+                ts,
+                0,
+                offset,
+                None,
+            )
+        };
+        let batch = [
+            at(0, "fresh", Timestamp::CreateTime(now - 5 * HOUR)),
+            at(1, "missing", Timestamp::NotAvailable),
+            at(2, "minus-one", Timestamp::CreateTime(-1)),
+            at(3, "micros", Timestamp::CreateTime(now * 1000)),
+            at(4, "month-old", Timestamp::CreateTime(now - 30 * 24 * HOUR)),
+        ];
+        let r = p.process(&batch).unwrap();
+        assert_eq!(r.counts.event_time_fallbacks, 4);
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+        let bucket_of = |id: &str| {
+            let h = ScopedKeyHash::new("s", &IdempotencyKey(id.as_bytes().to_vec()));
+            p.store.find(&h).unwrap().unwrap().0.start_secs * 1000
+        };
+        assert_eq!(bucket_of("fresh"), 995 * HOUR);
+        for id in ["missing", "minus-one", "micros", "month-old"] {
+            assert_eq!(bucket_of(id), 1_000 * HOUR, "{id}");
+        }
+        // No bucket in the future, none already expired.
+        let starts: Vec<i64> = p
+            .store
+            .live_buckets()
+            .iter()
+            .map(|b| b.start_secs)
+            .collect();
+        assert_eq!(starts, vec![1_000 * 3_600, 995 * 3_600]);
+    }
+
+    #[test]
+    fn a_key_never_matches_across_scopes_and_a_scope_forgets_on_its_own_window() {
+        const HOUR: i64 = 3_600_000;
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t.dlq", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_000 * HOUR);
+        let (mut p, calls) = processor(&cluster, dir.path(), clock.clone(), false);
+        p.handler = Box::new(Counting(calls.clone(), None));
+        let mut ship = p.decider.rule("t").clone();
+        ship.scope = "ship".into();
+        ship.window_ms = Some(2 * HOUR);
+        p.decider = p.decider.clone().with_topic("u", ship);
+        let on = |topic: &str, offset: i64| {
+            OwnedMessage::new(
+                Some(event("e1", 10).encode_to_vec()),
+                None,
+                topic.into(),
+                Timestamp::NotAvailable,
+                0,
+                offset,
+                None,
+            )
+        };
+        let outcome =
+            |p: &mut BatchProcessor, m: OwnedMessage| p.process(&[m]).unwrap().outcomes[0].counted;
+        assert_eq!(outcome(&mut p, on("t", 0)), Counted::Handled);
+        assert_eq!(outcome(&mut p, on("u", 0)), Counted::Handled); // another scope
+        clock.advance(HOUR);
+        assert_eq!(outcome(&mut p, on("u", 1)), Counted::Duplicate);
+        clock.advance(2 * HOUR);
+        assert_eq!(outcome(&mut p, on("u", 2)), Counted::Handled); // ship's 2 h are over
+        assert_eq!(outcome(&mut p, on("t", 1)), Counted::Duplicate); // the store's 24 h are not
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 }

@@ -13,16 +13,28 @@ use crate::payload::{decode, DecodeError, Decoded, PayloadFormat};
 use crate::proto::DedupRecord;
 use crate::store::{DedupStore, StoreError};
 use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
+use std::collections::HashMap;
 
-/// How a worker derives and scopes the keys of its messages.
+/// How the messages of one topic are keyed, scoped and decoded.
 #[derive(Debug, Clone)]
-pub struct Decider {
+pub struct TopicRule {
     /// How keys are derived.
     pub key_rule: KeyRule,
     /// Scope of every key.
     pub scope: String,
     /// Payload encoding.
     pub format: PayloadFormat,
+    /// The scope's own window, when shorter than the store's: a record older
+    /// than this counts as absent for this scope.
+    pub window_ms: Option<i64>,
+}
+
+/// How a worker derives and scopes the keys of its messages: one rule for
+/// every topic, and overrides for some.
+#[derive(Debug, Clone)]
+pub struct Decider {
+    default: TopicRule,
+    per_topic: HashMap<String, TopicRule>,
 }
 
 /// A message whose key has not been seen: it goes to the handler.
@@ -53,6 +65,8 @@ pub enum Decision {
     Duplicate {
         /// The record of the first copy.
         first: DedupRecord,
+        /// The store key.
+        hash: ScopedKeyHash,
         /// The idempotency key.
         key: IdempotencyKey,
         /// Where the key came from.
@@ -96,18 +110,40 @@ impl Decision {
 }
 
 impl Decider {
-    /// Decides `msg`: first against `staged` (records of the caller's batch
-    /// not yet written), then against the store.
+    /// A decider applying `default` to every topic.
+    pub fn new(default: TopicRule) -> Self {
+        Self {
+            default,
+            per_topic: HashMap::new(),
+        }
+    }
+
+    /// Applies `rule` to `topic` instead of the default.
+    pub fn with_topic(mut self, topic: &str, rule: TopicRule) -> Self {
+        self.per_topic.insert(topic.to_string(), rule);
+        self
+    }
+
+    /// The rule of `topic`.
+    pub fn rule(&self, topic: &str) -> &TopicRule {
+        self.per_topic.get(topic).unwrap_or(&self.default)
+    }
+
+    /// Decides `msg` at processing time `now_ms`: first against `staged`
+    /// (records of the caller's batch not yet written), then against the
+    /// store.
     pub fn decide(
         &self,
         msg: &OwnedMessage,
         staged: impl FnOnce(&ScopedKeyHash) -> Option<DedupRecord>,
         store: &DedupStore,
+        now_ms: i64,
     ) -> Result<Decision, StoreError> {
+        let rule = self.rule(msg.topic());
         let Some(payload) = msg.payload() else {
             return Ok(Decision::Tombstone);
         };
-        let decoded = match decode(payload, self.format) {
+        let decoded = match decode(payload, rule.format) {
             Ok(d) => d,
             Err(e) => return Ok(Decision::Undecodable(e)),
         };
@@ -115,7 +151,7 @@ impl Decider {
         let header_iter = headers
             .into_iter()
             .flat_map(|hs| hs.iter().map(|h| (h.key, h.value)));
-        let (key, source) = match self.key_rule.derive(
+        let (key, source) = match rule.key_rule.derive(
             header_iter,
             &decoded,
             msg.topic(),
@@ -125,16 +161,24 @@ impl Decider {
             Ok(k) => k,
             Err(e) => return Ok(Decision::BadKey(e)),
         };
-        let hash = ScopedKeyHash::new(&self.scope, &key);
+        let hash = ScopedKeyHash::new(&rule.scope, &key);
         let fingerprint = Fingerprint::of(payload);
         let seen = match staged(&hash) {
             Some(r) => Some(r),
-            None => store.lookup(&hash)?,
+            None => store.lookup(&hash)?.filter(|r| {
+                // A scope with a shorter window than the store's forgets on
+                // its own schedule.
+                rule.window_ms
+                    .is_none_or(|w| r.first_seen_ms.max(r.refreshed_ms) + w > now_ms)
+            }),
         };
         Ok(match seen {
-            Some(first) if first.fingerprint == fingerprint.0 => {
-                Decision::Duplicate { first, key, source }
-            }
+            Some(first) if first.fingerprint == fingerprint.0 => Decision::Duplicate {
+                first,
+                hash,
+                key,
+                source,
+            },
             Some(first) => Decision::Conflict {
                 first,
                 received: fingerprint,

@@ -19,7 +19,7 @@ pub mod rebalance;
 mod stats;
 
 pub use batch::{BatchProcessor, BatchResult, MessageOutcome};
-pub use decide::{Decider, Decision};
+pub use decide::{Decider, Decision, TopicRule};
 pub use rebalance::{Assignment, IdemContext, TopicPartition};
 pub use stats::{BatchCounts, Counted, RunSummary, Stats};
 
@@ -41,8 +41,10 @@ use std::time::{Duration, Instant};
 
 /// How long a poll waits when no batch is being filled.
 const IDLE_POLL: Duration = Duration::from_millis(100);
-/// How often expired buckets are dropped while running.
-const EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
+/// The longest time between two expiry runs; with narrower buckets expiry
+/// runs once per bucket width, so live buckets stay within
+/// window / width + 2.
+const MAX_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
 /// How often an idle worker checks whether it has caught up.
 const CAUGHT_UP_CHECK: Duration = Duration::from_millis(500);
 
@@ -161,6 +163,12 @@ impl Worker {
             decider: config.decider(),
             dlq_topic: Box::new(move |t: &str| dlq_template.dead_letter_topic_for(t)),
             checkpoint_prefix: String::new(),
+            refresh_on_duplicate: config.refresh_on_duplicate,
+            bucket_clock: config.bucket_clock,
+            size_cap: (
+                config.max_store_bytes,
+                config.on_store_full == crate::config::OnStoreFull::DropOldest,
+            ),
         };
         let mut looper = Loop {
             consumer: &consumer,
@@ -171,6 +179,7 @@ impl Worker {
             generation_seen: 0,
         };
         let linger = Duration::from_millis(config.batch_linger_ms);
+        let expiry_interval = MAX_EXPIRY_INTERVAL.min(Duration::from_secs(config.bucket_secs));
         let mut last_expiry = Instant::now();
         let mut last_caught_up_check = Instant::now();
         let mut result = Ok(());
@@ -194,7 +203,7 @@ impl Worker {
                 }
                 stats.set_processing_ms(began.elapsed().as_millis() as u64);
             }
-            if last_expiry.elapsed() >= EXPIRY_INTERVAL {
+            if last_expiry.elapsed() >= expiry_interval {
                 last_expiry = Instant::now();
                 if let Err(e) = store.expire(store.processing_time()) {
                     tracing::error!(error = %e, "dropping expired buckets failed; will retry");

@@ -19,6 +19,8 @@ pub struct Stats {
     bad_keys: AtomicU64,
     unkeyed: AtomicU64,
     cross_partition_duplicates: AtomicU64,
+    event_time_fallbacks: AtomicU64,
+    early_bucket_drops: AtomicU64,
     dead_letters_written: AtomicU64,
     batches: AtomicU64,
     commit_failures: AtomicU64,
@@ -48,6 +50,13 @@ pub struct RunSummary {
     pub unkeyed: u64,
     /// Duplicates whose first copy came from another partition.
     pub cross_partition_duplicates: u64,
+    /// With `bucket_clock = "event"`: records filed by the processing clock
+    /// because the message timestamp was missing, in the future, or older
+    /// than the window.
+    pub event_time_fallbacks: u64,
+    /// Buckets dropped before their window ended because the store passed
+    /// `max_store_bytes` (`on_store_full = "drop_oldest"`).
+    pub early_bucket_drops: u64,
     /// Dead letters acknowledged by the broker.
     pub dead_letters_written: u64,
     /// Batches written (one RocksDB write and fsync each).
@@ -108,6 +117,8 @@ impl Stats {
         }
         add(&self.unkeyed, counts.unkeyed);
         add(&self.cross_partition_duplicates, counts.cross_partition);
+        add(&self.event_time_fallbacks, counts.event_time_fallbacks);
+        add(&self.early_bucket_drops, counts.early_bucket_drops);
         add(&self.dead_letters_written, counts.dead_letters);
         add(&self.batches, 1);
     }
@@ -136,6 +147,8 @@ impl Stats {
             bad_keys: g(&self.bad_keys),
             unkeyed: g(&self.unkeyed),
             cross_partition_duplicates: g(&self.cross_partition_duplicates),
+            event_time_fallbacks: g(&self.event_time_fallbacks),
+            early_bucket_drops: g(&self.early_bucket_drops),
             dead_letters_written: g(&self.dead_letters_written),
             batches: g(&self.batches),
             commit_failures: g(&self.commit_failures),
@@ -152,6 +165,10 @@ pub struct BatchCounts {
     pub unkeyed: u64,
     /// Cross-partition duplicates in the batch.
     pub cross_partition: u64,
+    /// Records filed by the processing clock in event-time mode.
+    pub event_time_fallbacks: u64,
+    /// Buckets dropped early by the size cap.
+    pub early_bucket_drops: u64,
     /// Dead letters acknowledged for the batch.
     pub dead_letters: u64,
 }

@@ -244,9 +244,10 @@ impl Replay {
             if batch.is_empty() {
                 break;
             }
+            let now = store.processing_time();
             for msg in &batch {
                 let decision = decider
-                    .decide(msg, |h| staged.get(h).cloned(), &store)
+                    .decide(msg, |h| staged.get(h).cloned(), &store, now)
                     .with_context(|| {
                         format!(
                             "looking up the key of {}/{}@{}",
@@ -268,6 +269,7 @@ impl Replay {
                             source_partition: msg.partition(),
                             source_offset: msg.offset(),
                             outcome: RecordOutcome::Handled as i32,
+                            refreshed_ms: 0,
                         },
                     );
                 }
@@ -337,6 +339,12 @@ impl Replay {
             decider: self.config.decider(),
             dlq_topic: Box::new(move |t: &str| dlq.dead_letter_topic_for(t)),
             checkpoint_prefix: REPLAY_CHECKPOINT_PREFIX.to_string(),
+            refresh_on_duplicate: self.config.refresh_on_duplicate,
+            bucket_clock: self.config.bucket_clock,
+            size_cap: (
+                self.config.max_store_bytes,
+                self.config.on_store_full == crate::config::OnStoreFull::DropOldest,
+            ),
         };
         let bar = self.progress_bar(source.expected());
         loop {
@@ -358,7 +366,10 @@ impl Replay {
                 // The key for the example: decided again now that the batch is
                 // written (only for the few messages kept as examples).
                 let example = if report.wants_example(outcome) {
-                    let again = processor.decider.decide(msg, |_| None, &store)?;
+                    let again =
+                        processor
+                            .decider
+                            .decide(msg, |_| None, &store, store.processing_time())?;
                     let mut e = example_of(msg, &again);
                     if outcome != ReplayOutcome::Conflict {
                         e.first_seen = None;

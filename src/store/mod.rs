@@ -16,9 +16,11 @@
 
 mod batch;
 mod bucket;
+pub mod inspect;
 
 pub use batch::{HandlerTxn, StoreBatch};
 pub use bucket::Bucket;
+pub use inspect::{BucketStats, StoreStats, VerifyReport};
 
 use crate::clock::Clock;
 use crate::key::ScopedKeyHash;
@@ -92,6 +94,20 @@ pub enum StoreError {
         what: &'static str,
         /// The decoder's complaint.
         detail: String,
+    },
+    /// The store is over `max_store_bytes` and the policy is to fail closed.
+    #[error(
+        "the store at {path} holds {bytes} bytes, over max_store_bytes = {max}; nothing more is \
+         handled until it shrinks: raise max_store_bytes, shorten window_secs, or set \
+         on_store_full = \"drop_oldest\" to forget the oldest keys early"
+    )]
+    Full {
+        /// Store directory.
+        path: PathBuf,
+        /// Its size now.
+        bytes: u64,
+        /// The cap.
+        max: u64,
     },
     /// A handler column family that was not declared at open.
     #[error("column family `{0}` was not opened; handlers must declare their column families")]
@@ -379,8 +395,18 @@ impl DedupStore {
             .clock
             .now_ms()
             .max(self.high_water_ms.load(Ordering::SeqCst));
+        Ok(self.find_record(key, Some(now))?.map(|(_, r)| r))
+    }
+
+    /// The record of `key` and its bucket, newest bucket first, skipping
+    /// buckets expired at `not_expired_at` when given.
+    fn find_record(
+        &self,
+        key: &ScopedKeyHash,
+        not_expired_at: Option<i64>,
+    ) -> Result<Option<(Bucket, DedupRecord)>, StoreError> {
         for bucket in self.live_buckets() {
-            if bucket.expires_at_ms(self.opts.window_ms) <= now {
+            if not_expired_at.is_some_and(|now| bucket.expires_at_ms(self.opts.window_ms) <= now) {
                 continue;
             }
             // A bucket dropped since the list was taken has no handle: skip it.
@@ -397,7 +423,7 @@ impl DedupStore {
                     what: "dedup record",
                     detail: e.to_string(),
                 })?;
-                return Ok(Some(rec));
+                return Ok(Some((bucket, rec)));
             }
         }
         Ok(None)
@@ -531,13 +557,8 @@ impl DedupStore {
     /// time `now_ms`. Returns the buckets dropped. Safe to run concurrently
     /// with lookups and with itself.
     pub fn expire(&self, now_ms: i64) -> Result<Vec<Bucket>, StoreError> {
-        let expired: Vec<Bucket> = self
-            .live_buckets()
-            .into_iter()
-            .filter(|b| b.expires_at_ms(self.opts.window_ms) <= now_ms)
-            .collect();
         let mut dropped = Vec::new();
-        for bucket in expired {
+        for bucket in self.expired_buckets(now_ms) {
             let removed = self
                 .buckets
                 .write()
@@ -597,6 +618,7 @@ mod tests {
             source_partition: 0,
             source_offset: 9,
             outcome: 1,
+            refreshed_ms: 0,
         }
     }
 

@@ -6,6 +6,10 @@
 //! key, the fallback topic/partition/offset key is marked [`KeySource::Unkeyed`]
 //! so callers can count it: it catches redeliveries, not producer duplicates.
 
+mod composite;
+
+pub use composite::{CompositeKey, KeyPart};
+
 use crate::payload::Decoded;
 use std::fmt;
 use xxhash_rust::xxh3::xxh3_128;
@@ -78,6 +82,8 @@ pub enum KeySource {
     Header,
     /// A field of the payload.
     PayloadField,
+    /// A semantic or composed key built from payload fields.
+    Composite,
     /// No source matched: topic/partition/offset.
     Unkeyed,
 }
@@ -108,6 +114,8 @@ pub struct KeyRule {
     pub header: Option<String>,
     /// JSON pointer (or `PaymentEvent` field name) of a payload field.
     pub field: Option<String>,
+    /// A semantic or composed key, tried after the header and the field.
+    pub composite: Option<CompositeKey>,
 }
 
 impl KeyRule {
@@ -158,6 +166,11 @@ impl KeyRule {
                 return Ok((IdempotencyKey(v.into_bytes()), KeySource::PayloadField));
             }
         }
+        if let Some(rule) = &self.composite {
+            if let Some(k) = rule.derive(payload) {
+                return Ok((IdempotencyKey(k), KeySource::Composite));
+            }
+        }
         let fallback = format!("{topic}/{partition}/{offset}");
         Ok((IdempotencyKey(fallback.into_bytes()), KeySource::Unkeyed))
     }
@@ -172,6 +185,7 @@ mod tests {
         KeyRule {
             header: Some("Idempotency-Key".into()),
             field: Some("/event_id".into()),
+            composite: None,
         }
     }
 

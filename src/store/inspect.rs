@@ -1,0 +1,362 @@
+//! Looking into a store: per-bucket sizes, one key's record, what expiry
+//! would drop, and a full consistency check. Behind `idem store ...`.
+//!
+//! Guarantee: everything here reads only, and works on a store opened with
+//! [`DedupStore::open_read_only`] beside a running worker (it then sees the
+//! store as it was when opened). Sizes are RocksDB's estimates; `verify` reads
+//! every record.
+
+use super::{
+    parse_checkpoint_key, rocks, Bucket, DedupStore, StoreError, META_BUCKET, META_CF, META_SCHEMA,
+    OFFSETS_CF, SCHEMA_VERSION,
+};
+use crate::proto::{Checkpoint, DedupRecord};
+use prost::Message as _;
+use serde::Serialize;
+
+/// Size and span of one bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BucketStats {
+    /// Column family name, `b<start-seconds>`.
+    pub name: String,
+    /// Start of its span, Unix milliseconds.
+    pub start_ms: i64,
+    /// End of its span (exclusive), Unix milliseconds.
+    pub end_ms: i64,
+    /// When it may be dropped, Unix milliseconds.
+    pub expires_at_ms: i64,
+    /// RocksDB's estimate of the keys in it.
+    pub estimated_keys: u64,
+    /// Bytes of its SST files on disk.
+    pub sst_bytes: u64,
+    /// Bytes of its memtables (not yet flushed; also in the WAL).
+    pub memtable_bytes: u64,
+}
+
+/// What `idem store stats` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    /// Bucket width, seconds.
+    pub bucket_secs: i64,
+    /// Window, milliseconds.
+    pub window_ms: i64,
+    /// Every live bucket, oldest first.
+    pub buckets: Vec<BucketStats>,
+    /// Sum of the buckets' estimated keys.
+    pub estimated_keys: u64,
+    /// Sum of the buckets' SST and memtable bytes.
+    pub bytes: u64,
+    /// Start of the oldest bucket, Unix milliseconds.
+    pub oldest_ms: Option<i64>,
+    /// End of the newest bucket, Unix milliseconds.
+    pub newest_ms: Option<i64>,
+    /// Partition checkpoints: (topic, partition, next offset).
+    pub checkpoints: Vec<(String, i32, i64)>,
+}
+
+/// What `idem store verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Buckets read.
+    pub buckets: u64,
+    /// Records read.
+    pub records: u64,
+    /// Checkpoints read.
+    pub checkpoints: u64,
+    /// Everything that is wrong, one line each; empty when the store is sound.
+    pub problems: Vec<String>,
+}
+
+impl DedupStore {
+    fn int_property(&self, cf: &str, name: &str) -> Result<u64, StoreError> {
+        let handle = self.cf(cf)?;
+        Ok(self
+            .db
+            .property_int_value_cf(&handle, name)
+            .map_err(rocks(format!("read {name} of {cf}")))?
+            .unwrap_or(0))
+    }
+
+    /// Sizes and spans of every live bucket, and the checkpoints.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut buckets = Vec::new();
+        for b in self.live_buckets().into_iter().rev() {
+            let name = b.name();
+            buckets.push(BucketStats {
+                start_ms: b.start_secs * 1000,
+                end_ms: b.end_ms(),
+                expires_at_ms: b.expires_at_ms(self.opts.window_ms),
+                estimated_keys: self.int_property(&name, "rocksdb.estimate-num-keys")?,
+                sst_bytes: self.int_property(&name, "rocksdb.total-sst-files-size")?,
+                memtable_bytes: self.int_property(&name, "rocksdb.size-all-mem-tables")?,
+                name,
+            });
+        }
+        Ok(StoreStats {
+            bucket_secs: self.opts.bucket_secs,
+            window_ms: self.opts.window_ms,
+            estimated_keys: buckets.iter().map(|b| b.estimated_keys).sum(),
+            bytes: buckets.iter().map(|b| b.sst_bytes + b.memtable_bytes).sum(),
+            oldest_ms: buckets.first().map(|b| b.start_ms),
+            newest_ms: buckets.last().map(|b| b.end_ms),
+            buckets,
+            checkpoints: self.checkpoints()?,
+        })
+    }
+
+    /// Bytes of every column family, on disk and in memtables.
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        let mut names: Vec<String> = self.live_buckets().iter().map(Bucket::name).collect();
+        names.extend([META_CF, OFFSETS_CF].map(String::from));
+        names.extend(self.opts.handler_cfs.iter().map(|s| s.to_string()));
+        let mut total = 0;
+        for n in &names {
+            if self.db.cf_handle(n).is_none() {
+                continue;
+            }
+            total += self.int_property(n, "rocksdb.total-sst-files-size")?
+                + self.int_property(n, "rocksdb.size-all-mem-tables")?;
+        }
+        Ok(total)
+    }
+
+    /// Keeps the store under `max_bytes`: with `drop_oldest`, drops the
+    /// oldest buckets before their time (never the newest), loudly, and
+    /// returns them; otherwise fails with [`StoreError::Full`].
+    pub fn enforce_size_cap(
+        &self,
+        max_bytes: u64,
+        drop_oldest: bool,
+    ) -> Result<Vec<Bucket>, StoreError> {
+        let mut dropped = Vec::new();
+        loop {
+            let bytes = self.size_bytes()?;
+            if bytes <= max_bytes {
+                return Ok(dropped);
+            }
+            let live = self.live_buckets();
+            if !drop_oldest || live.len() <= 1 {
+                return Err(StoreError::Full {
+                    path: self.path.clone(),
+                    bytes,
+                    max: max_bytes,
+                });
+            }
+            let oldest = live[live.len() - 1];
+            let removed = self
+                .buckets
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&oldest.start_secs);
+            if removed {
+                self.db
+                    .drop_cf(&oldest.name())
+                    .map_err(rocks(format!("drop bucket {}", oldest.name())))?;
+                let remaining = self.live_buckets();
+                let effective_window_ms = remaining
+                    .last()
+                    .map(|b| self.processing_time() - b.start_secs * 1000)
+                    .unwrap_or(0);
+                tracing::warn!(bucket = %oldest.name(), bytes, max_bytes, effective_window_secs = effective_window_ms / 1000,
+                    "store over max_store_bytes: dropped the oldest bucket BEFORE its window ended; keys older than the effective window are forgotten");
+                dropped.push(oldest);
+            }
+        }
+    }
+
+    /// Buckets that [`DedupStore::expire`] would drop at `now_ms`.
+    pub fn expired_buckets(&self, now_ms: i64) -> Vec<Bucket> {
+        self.live_buckets()
+            .into_iter()
+            .filter(|b| b.expires_at_ms(self.opts.window_ms) <= now_ms)
+            .collect()
+    }
+
+    /// The record of `key` and the bucket holding it, newest bucket first,
+    /// including buckets expired but not yet dropped (an inspection shows
+    /// what is on disk).
+    pub fn find(
+        &self,
+        key: &crate::key::ScopedKeyHash,
+    ) -> Result<Option<(Bucket, DedupRecord)>, StoreError> {
+        self.find_record(key, None)
+    }
+
+    /// Reads everything: metadata, every record of every bucket, every
+    /// checkpoint. Problems are collected, not raised, so one run lists them
+    /// all; a RocksDB read error is raised.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let meta = self.cf(META_CF)?;
+        let read = |k: &[u8]| self.db.get_cf(&meta, k).map_err(rocks("read metadata"));
+        match read(META_SCHEMA)? {
+            None => report.problems.push("meta: no schema version".into()),
+            Some(v) => match <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes) {
+                Ok(SCHEMA_VERSION) => {}
+                Ok(other) => report.problems.push(format!(
+                    "meta: schema version {other}, this idem reads {SCHEMA_VERSION}"
+                )),
+                Err(_) => report
+                    .problems
+                    .push(format!("meta: schema version is {} bytes, not 8", v.len())),
+            },
+        }
+        match read(META_BUCKET)? {
+            None => report.problems.push("meta: no bucket width".into()),
+            Some(v) => match <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes) {
+                Ok(w) if w as i64 == self.opts.bucket_secs && w > 0 => {}
+                Ok(w) => report.problems.push(format!(
+                    "meta: bucket width {w}s differs from the width in use ({}s)",
+                    self.opts.bucket_secs
+                )),
+                Err(_) => report
+                    .problems
+                    .push(format!("meta: bucket width is {} bytes, not 8", v.len())),
+            },
+        }
+        drop(meta);
+        for b in self.live_buckets() {
+            report.buckets += 1;
+            if b.start_secs % self.opts.bucket_secs != 0 {
+                report.problems.push(format!(
+                    "bucket {}: start is not a multiple of the width {}s",
+                    b.name(),
+                    self.opts.bucket_secs
+                ));
+            }
+            let Some(cf) = self.db.cf_handle(&b.name()) else {
+                continue;
+            };
+            for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
+                let (k, v) = item.map_err(rocks(format!("read bucket {}", b.name())))?;
+                report.records += 1;
+                if k.len() != 16 {
+                    report.problems.push(format!(
+                        "bucket {}: key of {} bytes (expected 16)",
+                        b.name(),
+                        k.len()
+                    ));
+                }
+                match DedupRecord::decode(v.as_ref()) {
+                    Err(e) => report.problems.push(format!(
+                        "bucket {}: record {} does not decode: {e}",
+                        b.name(),
+                        hex::encode(&k)
+                    )),
+                    Ok(r) if r.fingerprint.len() != 16 => report.problems.push(format!(
+                        "bucket {}: record {} has a {}-byte fingerprint",
+                        b.name(),
+                        hex::encode(&k),
+                        r.fingerprint.len()
+                    )),
+                    Ok(_) => {}
+                }
+            }
+        }
+        let offsets = self.cf(OFFSETS_CF)?;
+        for item in self.db.iterator_cf(&offsets, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(rocks("read checkpoints"))?;
+            report.checkpoints += 1;
+            let Some((topic, partition)) = parse_checkpoint_key(&k) else {
+                report.problems.push(format!(
+                    "offsets: key {} is not topic + partition",
+                    hex::encode(&k)
+                ));
+                continue;
+            };
+            match Checkpoint::decode(v.as_ref()) {
+                Err(e) => report.problems.push(format!(
+                    "offsets: checkpoint of {topic}/{partition} does not decode: {e}"
+                )),
+                Ok(c) if c.next_offset < 0 => report.problems.push(format!(
+                    "offsets: checkpoint of {topic}/{partition} is negative ({})",
+                    c.next_offset
+                )),
+                Ok(_) => {}
+            }
+        }
+        Ok(report)
+    }
+
+    /// The SST files of `bucket` on disk now (a dropped bucket's files are
+    /// deleted once no read holds them).
+    pub fn sst_files(&self, bucket: &Bucket) -> Result<Vec<std::path::PathBuf>, StoreError> {
+        let name = bucket.name();
+        Ok(self
+            .db
+            .live_files()
+            .map_err(rocks("list the store's files"))?
+            .into_iter()
+            .filter(|f| f.column_family_name == name)
+            .map(|f| self.path.join(f.name.trim_start_matches('/')))
+            .collect())
+    }
+
+    /// Writes memtables to SST files, so sizes on disk are final (backups,
+    /// inspection, tests of disk use).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for b in self.live_buckets() {
+            if let Some(cf) = self.db.cf_handle(&b.name()) {
+                self.db
+                    .flush_cf(&cf)
+                    .map_err(rocks(format!("flush bucket {}", b.name())))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds as an RFC 3339 UTC time, for tables.
+pub fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+impl StoreStats {
+    /// The stats as a table for people.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "bucket width {}s, window {}s, {} live buckets",
+            self.bucket_secs,
+            self.window_ms / 1000,
+            self.buckets.len()
+        );
+        let _ = writeln!(
+            s,
+            "{:<14} {:<22} {:<22} {:>12} {:>14}",
+            "BUCKET", "START", "EXPIRES", "KEYS (est.)", "BYTES"
+        );
+        for b in &self.buckets {
+            let _ = writeln!(
+                s,
+                "{:<14} {:<22} {:<22} {:>12} {:>14}",
+                b.name,
+                format_ms(b.start_ms),
+                format_ms(b.expires_at_ms),
+                b.estimated_keys,
+                b.sst_bytes + b.memtable_bytes
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<14} {:<22} {:<22} {:>12} {:>14}",
+            "total", "", "", self.estimated_keys, self.bytes
+        );
+        if let (Some(o), Some(n)) = (self.oldest_ms, self.newest_ms) {
+            let _ = writeln!(s, "oldest {} .. newest {}", format_ms(o), format_ms(n));
+        }
+        for (t, p, n) in &self.checkpoints {
+            let _ = writeln!(s, "checkpoint {t}/{p}: next offset {n}");
+        }
+        s
+    }
+}
