@@ -38,11 +38,13 @@ case "$cmd" in
   start)
     bin=$(noida)
     mkdir -p "$data"
-    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    if [ -f "$pidfile" ] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; then
       echo "127.0.0.1:$port"; exit 0
     fi
-    nohup "$bin" start --only kafka --host 127.0.0.1 --kafka-port "$port" --data-dir "$data" \
-      >"$data/broker.log" 2>&1 &
+    # Its own process group (setsid): the command on PATH is a wrapper whose
+    # child is the server, and `stop` must end both.
+    setsid nohup "$bin" start --only kafka --host 127.0.0.1 --kafka-port "$port" --data-dir "$data" \
+      >"$data/broker.log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
     for _ in $(seq 1 120); do
       if port_open "$port"; then echo "127.0.0.1:$port"; exit 0; fi
@@ -58,10 +60,12 @@ case "$cmd" in
   stop)
     [ -f "$pidfile" ] || exit 0
     pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid"
-      for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" || true
+    # SIGTERM to the whole group (wrapper and server), then wait for every
+    # member to exit so its data is flushed; SIGKILL only after 30 s.
+    if kill -0 -- "-$pid" 2>/dev/null; then
+      kill -TERM -- "-$pid" 2>/dev/null || true
+      for _ in $(seq 1 60); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -0 -- "-$pid" 2>/dev/null && kill -KILL -- "-$pid" 2>/dev/null || true
     fi
     rm -f "$pidfile"
     ;;

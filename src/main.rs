@@ -350,6 +350,10 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", report.render());
     }
+    if args.expect_no_op && report.total.messages == 0 {
+        eprintln!("idem: replay read no message, so it proves nothing; check --topic, --partitions, --from and --to (exit status 4)");
+        return Ok(ExitCode::from(4));
+    }
     Ok(if args.expect_no_op && !report.no_op {
         ExitCode::from(3)
     } else {
@@ -362,29 +366,28 @@ fn dump(args: DumpArgs) -> anyhow::Result<ExitCode> {
     config.validate_except_topics()?;
     idem::telemetry::init_with_default(config.log_format, "warn,librdkafka=error,rdkafka=error");
     let partitions = args.range.partitions.as_ref().map(|p| p.0.as_slice());
+    let (from, to) = (&args.range.from, &args.range.to);
     let n = if args.out.as_os_str() == "-" {
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
-        idem::replay::dump(
-            &config,
-            &args.topic,
-            partitions,
-            &args.range.from,
-            &args.range.to,
-            &mut out,
-        )?
+        idem::replay::dump(&config, &args.topic, partitions, from, to, &mut out)?
     } else {
-        let file = std::fs::File::create(&args.out)
-            .with_context(|| format!("creating {}", args.out.display()))?;
-        let mut out = std::io::BufWriter::new(file);
-        idem::replay::dump(
-            &config,
-            &args.topic,
-            partitions,
-            &args.range.from,
-            &args.range.to,
-            &mut out,
-        )?
+        // Written beside the target and renamed at the end, so a failed dump
+        // leaves an existing file as it was.
+        let dir = match args.out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        let tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("creating a file in {}", dir.display()))?;
+        let mut out = std::io::BufWriter::new(tmp);
+        let n = idem::replay::dump(&config, &args.topic, partitions, from, to, &mut out)?;
+        out.into_inner()
+            .map_err(|e| e.into_error())
+            .context("writing the dump")?
+            .persist(&args.out)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        n
     };
     eprintln!("dumped {n} messages of {}", args.topic);
     Ok(ExitCode::SUCCESS)

@@ -194,7 +194,7 @@ fn replay_after_a_full_run_is_a_no_op_and_one_new_event_is_reported_with_its_off
         "{table}"
     );
     assert!(
-        table.contains("NOT a no-op: 1 messages would reach the handler again"),
+        table.contains("NOT a no-op: 1 message would reach the handler"),
         "{table}"
     );
 
@@ -323,6 +323,47 @@ fn a_dump_from_idem_or_kcat_gives_the_same_report_as_the_topic() {
         err.contains("broken.jsonl line 2: not a kcat JSON envelope"),
         "{err}"
     );
+
+    // A failed dump leaves the file it would have replaced as it was.
+    let before = std::fs::read(&dump).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args([
+            "dump",
+            "--topic",
+            "no-such-topic-here",
+            "--out",
+            dump.to_str().unwrap(),
+            "--brokers",
+            &b,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read(&dump).unwrap(), before);
+    // A replay that reads nothing proves nothing: --expect-no-op says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args([
+            "replay",
+            "--file",
+            dump.to_str().unwrap(),
+            "--topic",
+            "other-topic",
+            "--expect-no-op",
+        ])
+        .args(["--store-dir", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replay read no message"));
+    // --apply repairs an existing store only.
+    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["replay", "--topic", &topic, "--apply", "--brokers", &b])
+        .args(["--store-dir", dir.path().join("typo").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no idem store at"));
+    assert!(!dir.path().join("typo").exists());
 
     assert_eq!(committed(&group, &topic, 4), committed_before);
 }

@@ -29,7 +29,6 @@ use base64::Engine as _;
 use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::io::Write;
 
 /// First of the 256 private-use characters that stand for raw bytes.
@@ -40,7 +39,13 @@ const RAW_BYTE_BASE: u32 = 0x10_FF00;
 pub enum EnvelopeError {
     /// Not a JSON object of the expected shape.
     #[error("not a kcat JSON envelope: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(String),
+    /// Raw bytes and an escaped character U+10FF00..U+10FFFF on one line.
+    #[error("the line mixes raw bytes with an escaped character U+10FF00..U+10FFFF; it cannot be read back exactly")]
+    Ambiguous,
+    /// The topic is empty or not text.
+    #[error("topic must be a non-empty text name")]
+    Topic,
     /// An encoding marker other than base64.
     #[error("unknown {field} {value:?} (allowed: \"base64\")")]
     UnknownEncoding {
@@ -58,20 +63,48 @@ pub enum EnvelopeError {
         detail: String,
     },
     /// A header list with an odd number of entries or a null name.
-    #[error("headers must be a flat [name, value, ...] list with string names")]
+    #[error("headers must be a flat [name, value, ...] list or a {{name: [values]}} map, with string names and string or null values")]
     Headers,
     /// Negative partition or offset.
     #[error("partition and offset must not be negative")]
     Position,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum HeaderList {
-    /// kcat's default: `["name", "value", "name", null, ...]`.
-    Flat(Vec<Option<String>>),
-    /// kcat's `-J` with the JSON-map header option: `{"name": ["v1", "v2"]}`.
-    Map(BTreeMap<String, Vec<Option<String>>>),
+/// Header pairs from kcat's default flat list `["name", "value", "name",
+/// null, ...]` or its JSON-map form `{"name": ["v1", "v2"]}`.
+fn header_pairs(v: serde_json::Value) -> Result<Vec<(String, Option<String>)>, EnvelopeError> {
+    use serde_json::Value;
+    let text = |v: Value| match v {
+        Value::String(s) => Ok(Some(s)),
+        Value::Null => Ok(None),
+        _ => Err(EnvelopeError::Headers),
+    };
+    let mut pairs = Vec::new();
+    match v {
+        Value::Null => {}
+        Value::Array(list) => {
+            if list.len() % 2 != 0 {
+                return Err(EnvelopeError::Headers);
+            }
+            let mut it = list.into_iter();
+            while let (Some(name), Some(value)) = (it.next(), it.next()) {
+                let name = text(name)?.ok_or(EnvelopeError::Headers)?;
+                pairs.push((name, text(value)?));
+            }
+        }
+        Value::Object(map) => {
+            for (name, values) in map {
+                let Value::Array(values) = values else {
+                    return Err(EnvelopeError::Headers);
+                };
+                for v in values {
+                    pairs.push((name.clone(), text(v)?));
+                }
+            }
+        }
+        _ => return Err(EnvelopeError::Headers),
+    }
+    Ok(pairs)
 }
 
 #[derive(Deserialize)]
@@ -84,7 +117,7 @@ struct EnvelopeIn {
     #[serde(default)]
     ts: Option<i64>,
     #[serde(default)]
-    headers: Option<HeaderList>,
+    headers: serde_json::Value,
     #[serde(default)]
     key: Option<String>,
     #[serde(default)]
@@ -125,16 +158,38 @@ fn line_as_text(line: &[u8]) -> (Cow<'_, str>, bool) {
     if let Ok(s) = std::str::from_utf8(line) {
         return (Cow::Borrowed(s), false);
     }
+    let stand_in =
+        |b: u8| char::from_u32(RAW_BYTE_BASE + u32::from(b)).unwrap_or(char::REPLACEMENT_CHARACTER);
     let mut out = String::with_capacity(line.len() + 16);
     for chunk in line.utf8_chunks() {
-        out.push_str(chunk.valid());
+        for c in chunk.valid().chars() {
+            if is_stand_in(c) {
+                // A genuine character of the stand-in range: carried byte by
+                // byte too, so it cannot be mistaken for a stand-in.
+                let mut buf = [0u8; 4];
+                for &b in c.encode_utf8(&mut buf).as_bytes() {
+                    out.push(stand_in(b));
+                }
+            } else {
+                out.push(c);
+            }
+        }
         for &b in chunk.invalid() {
-            out.push(
-                char::from_u32(RAW_BYTE_BASE + u32::from(b)).unwrap_or(char::REPLACEMENT_CHARACTER),
-            );
+            out.push(stand_in(b));
         }
     }
     (Cow::Owned(out), true)
+}
+
+fn is_stand_in(c: char) -> bool {
+    (RAW_BYTE_BASE..=RAW_BYTE_BASE + 0xFF).contains(&(c as u32))
+}
+
+/// True when `text` escapes a character of the stand-in range as a JSON
+/// surrogate pair (`\uDBFF\uDFxx`), which could not be told apart from a
+/// stand-in once parsed.
+fn escapes_a_stand_in(text: &str) -> bool {
+    text.to_ascii_lowercase().contains("\\udbff\\udf")
 }
 
 /// The bytes a decoded JSON string stands for.
@@ -144,9 +199,8 @@ fn text_bytes(s: String, raw: bool) -> Vec<u8> {
     }
     let mut out = Vec::with_capacity(s.len());
     for c in s.chars() {
-        let u = c as u32;
-        if (RAW_BYTE_BASE..=RAW_BYTE_BASE + 0xFF).contains(&u) {
-            out.push((u - RAW_BYTE_BASE) as u8);
+        if is_stand_in(c) {
+            out.push((c as u32 - RAW_BYTE_BASE) as u8);
         } else {
             let mut buf = [0u8; 4];
             out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
@@ -183,8 +237,18 @@ fn field_bytes(
 
 /// Parses one line of a dump into the message it describes.
 pub fn parse_line(line: &[u8]) -> Result<OwnedMessage, EnvelopeError> {
+    let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line); // a BOM
     let (text, raw) = line_as_text(line);
-    let env: EnvelopeIn = serde_json::from_str(&text)?;
+    if raw && escapes_a_stand_in(&text) {
+        return Err(EnvelopeError::Ambiguous);
+    }
+    let env: EnvelopeIn = serde_json::from_str(&text).map_err(|e| {
+        // serde counts lines inside this one line: only the column helps.
+        EnvelopeError::Json(e.to_string().replace(" at line 1 column", " at column"))
+    })?;
+    if env.topic.chars().any(is_stand_in) || env.topic.is_empty() {
+        return Err(EnvelopeError::Topic);
+    }
     if env.partition < 0 || env.offset < 0 {
         return Err(EnvelopeError::Position);
     }
@@ -196,26 +260,7 @@ pub fn parse_line(line: &[u8]) -> Result<OwnedMessage, EnvelopeError> {
         "payload_encoding",
         raw,
     )?;
-    let mut pairs: Vec<(String, Option<String>)> = Vec::new();
-    match env.headers {
-        None => {}
-        Some(HeaderList::Flat(list)) => {
-            if list.len() % 2 != 0 {
-                return Err(EnvelopeError::Headers);
-            }
-            for pair in list.chunks(2) {
-                let name = pair[0].clone().ok_or(EnvelopeError::Headers)?;
-                pairs.push((name, pair[1].clone()));
-            }
-        }
-        Some(HeaderList::Map(map)) => {
-            for (name, values) in map {
-                for v in values {
-                    pairs.push((name.clone(), v));
-                }
-            }
-        }
-    }
+    let pairs = header_pairs(env.headers)?;
     let headers = if pairs.is_empty() {
         None
     } else {
@@ -341,6 +386,30 @@ mod tests {
                 ("trace".to_string(), None)
             ]
         );
+    }
+
+    #[test]
+    fn a_genuine_character_of_the_stand_in_range_beside_raw_bytes_reads_back_exactly() {
+        let mut line = br#"{"topic":"t","partition":0,"offset":1,"key":""#.to_vec();
+        line.extend_from_slice(b"\xff\\u0001");
+        line.extend_from_slice(br#"","payload":"ref "#);
+        line.extend_from_slice("\u{10FF41}\u{10FFFF}".as_bytes());
+        line.extend_from_slice(br#""}"#);
+        let m = parse_line(&line).unwrap();
+        assert_eq!(m.key(), Some(&b"\xff\x01"[..]));
+        assert_eq!(m.payload(), Some("ref \u{10FF41}\u{10FFFF}".as_bytes()));
+        // Escaped as a surrogate pair beside raw bytes: refused, not guessed.
+        let mut esc = br#"{"topic":"t","partition":0,"offset":1,"key":""#.to_vec();
+        esc.extend_from_slice(b"\xff");
+        esc.extend_from_slice(br#"","payload":"\uDBFF\uDF41"}"#);
+        assert!(matches!(parse_line(&esc), Err(EnvelopeError::Ambiguous)));
+        // A BOM at the start of the line is not part of the envelope.
+        let bom = [
+            &b"\xEF\xBB\xBF"[..],
+            br#"{"topic":"t","partition":0,"offset":2}"#,
+        ]
+        .concat();
+        assert_eq!(parse_line(&bom).unwrap().offset(), 2);
     }
 
     #[test]

@@ -183,15 +183,18 @@ impl Replay {
                 }
                 Box::new(reader)
             }
-            Source::File { path, topic } => Box::new(DumpReader::open(
-                path,
-                FileFilter {
-                    from: self.from.clone(),
-                    to: Some(self.to.clone()),
-                    partitions: self.partitions.clone(),
-                    topic: topic.clone(),
-                },
-            )?),
+            Source::File { path, topic } => {
+                range::check_bounds(&self.from, &self.to, self.partitions.as_deref(), None)?;
+                Box::new(DumpReader::open(
+                    path,
+                    FileFilter {
+                        from: self.from.clone(),
+                        to: Some(self.to.clone()),
+                        partitions: self.partitions.clone(),
+                        topic: topic.clone(),
+                    },
+                )?)
+            }
         })
     }
 
@@ -291,12 +294,15 @@ impl Replay {
         let store = match &self.store {
             Some(s) => s.clone(),
             None => {
-                std::fs::create_dir_all(&self.config.store_dir).with_context(|| {
-                    format!(
-                        "creating the store directory {}",
+                // Repairing means an existing store: a mistyped path must not
+                // become a fresh store that sends the whole topic through the
+                // handler.
+                if !DedupStore::exists_at(&self.config.store_dir) {
+                    anyhow::bail!(
+                        "no idem store at {}: `replay --apply` repairs an existing store; check --store-dir (a worker creates the store on its first run)",
                         self.config.store_dir.display()
-                    )
-                })?;
+                    );
+                }
                 let opts = StoreOptions {
                     window_ms: self.config.window_secs as i64 * 1000,
                     bucket_secs: self.config.bucket_secs as i64,

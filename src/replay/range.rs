@@ -44,6 +44,9 @@ impl FromStr for Position {
             time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         {
             let ms = t.unix_timestamp_nanos() / 1_000_000;
+            if ms < 0 {
+                bail!("{s:?} is before 1970-01-01T00:00:00Z; Kafka timestamps start there");
+            }
             return Ok(Position::Time(ms as i64));
         }
         if s.contains(':') && !s.contains('T') {
@@ -85,6 +88,59 @@ pub struct PartitionRange {
     pub start: i64,
     /// First offset not replayed.
     pub end: i64,
+}
+
+impl Position {
+    /// The partitions an offset list names (none for the other positions).
+    pub fn named_partitions(&self) -> Vec<i32> {
+        match self {
+            Position::Offsets(m) => m.keys().copied().collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Checks that `from` and `to` fit together and name only partitions that
+/// are replayed: `partitions` (when given), or `0..count` (when known).
+pub fn check_bounds(
+    from: &Position,
+    to: &Position,
+    partitions: Option<&[i32]>,
+    count: Option<i32>,
+) -> anyhow::Result<()> {
+    for (flag, pos) in [("--from", from), ("--to", to)] {
+        for p in pos.named_partitions() {
+            if count.is_some_and(|n| p >= n) {
+                bail!(
+                    "{flag} names partition {p}, but the topic has {} partitions (0..={})",
+                    count.unwrap_or(0),
+                    count.unwrap_or(0) - 1
+                );
+            }
+            if partitions.is_some_and(|ps| !ps.contains(&p)) {
+                bail!("{flag} names partition {p}, which --partitions leaves out");
+            }
+        }
+    }
+    match (from, to) {
+        (Position::Offsets(f), Position::Offsets(t)) => {
+            for (p, start) in f {
+                if let Some(end) = t.get(p) {
+                    if start > end {
+                        bail!("--from {p}:{start} is after --to {p}:{end}");
+                    }
+                }
+            }
+        }
+        (Position::Time(f), Position::Time(t)) if f > t => {
+            bail!("--from is a later time than --to");
+        }
+        (Position::Latest, Position::Earliest) => {
+            bail!("--from latest --to earliest is an empty range");
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// How long broker queries of the range may take.
@@ -250,6 +306,25 @@ mod tests {
         assert!("0:x".parse::<Position>().is_err());
         assert!("0:1,0:2".parse::<Position>().is_err());
         assert!("-1:5".parse::<Position>().is_err());
+    }
+
+    #[test]
+    fn bounds_name_only_replayed_partitions_and_run_forwards() {
+        let p = |s: &str| s.parse::<Position>().unwrap();
+        assert!(check_bounds(&p("0:5"), &p("0:9"), Some(&[0]), Some(3)).is_ok());
+        let e = check_bounds(&p("7:0"), &Position::Latest, None, Some(3)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--from names partition 7, but the topic has 3 partitions (0..=2)"
+        );
+        let e = check_bounds(&p("0:5"), &Position::Latest, Some(&[1]), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--from names partition 0, which --partitions leaves out"
+        );
+        let e = check_bounds(&p("0:8"), &p("0:5"), None, None).unwrap_err();
+        assert_eq!(e.to_string(), "--from 0:8 is after --to 0:5");
+        assert!("1969-12-31T23:59:59Z".parse::<Position>().is_err());
     }
 
     #[test]

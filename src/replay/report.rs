@@ -311,15 +311,16 @@ impl ReplayReport {
                 s.push('\n');
             }
         }
-        let verdict = if self.no_op {
+        let n = t.handler_calls();
+        let messages = if n == 1 { "message" } else { "messages" };
+        let verdict = if t.messages == 0 {
+            "nothing was read: the range, topic or partitions matched no message, so nothing is proven".to_string()
+        } else if self.no_op {
             "no-op: no message reaches the handler".to_string()
         } else if self.applied {
-            format!("{} messages went through the handler", t.handler_calls())
+            format!("{n} {messages} went through the handler")
         } else {
-            format!(
-                "NOT a no-op: {} messages would reach the handler again",
-                t.handler_calls()
-            )
+            format!("NOT a no-op: {n} {messages} would reach the handler")
         };
         let _ = writeln!(s, "verdict: {verdict}");
         s
@@ -369,7 +370,7 @@ mod tests {
         assert_eq!(r.partitions[1].counts.messages, 0);
         assert!(!r.no_op);
         let table = r.render();
-        assert!(table.contains("NOT a no-op: 1 messages would reach the handler again"));
+        assert!(table.contains("NOT a no-op: 1 message would reach the handler"));
         assert!(table.contains("t/0@8 key=\"k8\""));
     }
 }

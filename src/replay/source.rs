@@ -18,7 +18,8 @@ use crate::kafka;
 use crate::replay::kcat;
 use crate::replay::range::{self, FileFilter, PartitionRange, Position};
 use anyhow::{bail, Context as _};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -39,9 +40,29 @@ pub trait MessageSource {
     fn expected(&self) -> Option<u64>;
 }
 
+/// The replay consumer's context: the end of a partition is expected, not
+/// an error worth a log line; every other client error is logged and kept
+/// for the stall message.
+#[derive(Default)]
+pub struct ReplayContext {
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for ReplayContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
+        tracing::warn!(error = %error, %reason, "Kafka client error during replay");
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+    }
+}
+
+impl ConsumerContext for ReplayContext {}
+
 /// A topic read by assignment over resolved ranges.
 pub struct TopicReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReplayContext>,
     topic: String,
     /// Partitions not yet read to the end of their range.
     pending: BTreeMap<i32, PartitionRange>,
@@ -62,15 +83,16 @@ impl TopicReader {
         // A group id that no worker uses: `assign` does not join it, and
         // nothing is ever committed under it.
         let group = format!("idem-replay-{}", std::process::id());
-        let consumer: BaseConsumer = kafka::base_config(config)
+        let consumer: BaseConsumer<ReplayContext> = kafka::base_config(config)
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "error")
-            .create()
+            .create_with_context(ReplayContext::default())
             .context("creating the replay consumer")?;
         let count = kafka::partition_count(&consumer, topic)? as i32;
+        range::check_bounds(from, to, partitions, Some(count))?;
         let chosen: Vec<i32> = match partitions {
             None => (0..count).collect(),
             Some(ps) => {
@@ -141,6 +163,12 @@ impl MessageSource for TopicReader {
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, topic = %self.topic, "consumer error during replay; retrying");
+                    *self
+                        .consumer
+                        .context()
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 }
                 None if !out.is_empty() => break,
                 None => {}
@@ -156,8 +184,16 @@ impl MessageSource for TopicReader {
                         )
                     })
                     .collect();
+                let last = self
+                    .consumer
+                    .context()
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "none".into());
                 bail!(
-                    "replay stalled: no message for {}s while waiting for {}",
+                    "replay stalled: no message for {}s while waiting for {}; last client error: {last}",
                     STALL_TIMEOUT.as_secs(),
                     waiting.join(", ")
                 );

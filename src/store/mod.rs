@@ -56,12 +56,13 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// RocksDB refused an operation.
-    #[error("RocksDB error while trying to {action}: {source}")]
+    #[error("RocksDB error while trying to {action}: {cause}")]
     Rocks {
         /// What was being attempted.
         action: String,
-        /// The RocksDB error.
-        source: rocksdb::Error,
+        /// The RocksDB error (in the message, not a `source`, so that error
+        /// chains print it once).
+        cause: rocksdb::Error,
     },
     /// The store was written with another bucket width.
     #[error(
@@ -87,6 +88,9 @@ pub enum StoreError {
         /// Version supported.
         supported: u64,
     },
+    /// The directory holds no store.
+    #[error("no idem store at {0} (no RocksDB database there): check `store_dir` / --store-dir")]
+    NotAStore(PathBuf),
     /// A stored value does not decode.
     #[error("corrupt {what} in the store: {detail}")]
     Corrupt {
@@ -116,7 +120,7 @@ pub enum StoreError {
 
 fn rocks(action: impl Into<String>) -> impl FnOnce(rocksdb::Error) -> StoreError {
     let action = action.into();
-    move |source| StoreError::Rocks { action, source }
+    move |cause| StoreError::Rocks { action, cause }
 }
 
 /// How the store files and expires records.
@@ -181,6 +185,11 @@ impl DedupStore {
         Self::open_inner(path, opts, clock, false)
     }
 
+    /// True when `path` holds a RocksDB database (an idem store or not).
+    pub fn exists_at(path: &Path) -> bool {
+        path.join("CURRENT").is_file()
+    }
+
     /// Opens an existing store read-only, beside a worker that may be running
     /// on it: for inspection commands and tests. The bucket width is taken
     /// from the store itself. Writes fail.
@@ -191,11 +200,8 @@ impl DedupStore {
     /// Like [`DedupStore::open_read_only`], judging expiry by `window_ms`
     /// (the configured window) so that lookups see what the worker sees.
     pub fn open_read_only_with_window(path: &Path, window_ms: i64) -> Result<Self, StoreError> {
-        if !path.join("CURRENT").exists() {
-            return Err(StoreError::Corrupt {
-                what: "store directory",
-                detail: format!("{} holds no RocksDB database", path.display()),
-            });
+        if !Self::exists_at(path) {
+            return Err(StoreError::NotAStore(path.to_path_buf()));
         }
         let opts = StoreOptions {
             bucket_secs: 1,
