@@ -129,23 +129,18 @@ impl Decider {
         self.per_topic.get(topic).unwrap_or(&self.default)
     }
 
-    /// Decides `msg` at processing time `now_ms`: first against `staged`
-    /// (records of the caller's batch not yet written), then against the
-    /// store.
-    pub fn decide(
-        &self,
-        msg: &OwnedMessage,
-        staged: impl FnOnce(&ScopedKeyHash) -> Option<DedupRecord>,
-        store: &DedupStore,
-        now_ms: i64,
-    ) -> Result<Decision, StoreError> {
+    /// Decodes `msg` and derives its key, without consulting the store:
+    /// either its final decision (tombstone, undecodable, no usable key) or
+    /// the key to look up. Batches prepare every message first, then look all
+    /// keys up in one batched read per bucket.
+    pub fn prepare(&self, msg: &OwnedMessage) -> Prepared {
         let rule = self.rule(msg.topic());
         let Some(payload) = msg.payload() else {
-            return Ok(Decision::Tombstone);
+            return Prepared::Final(Decision::Tombstone);
         };
         let decoded = match decode(payload, rule.format) {
             Ok(d) => d,
-            Err(e) => return Ok(Decision::Undecodable(e)),
+            Err(e) => return Prepared::Final(Decision::Undecodable(e)),
         };
         let headers = msg.headers();
         let header_iter = headers
@@ -159,39 +154,100 @@ impl Decider {
             msg.offset(),
         ) {
             Ok(k) => k,
-            Err(e) => return Ok(Decision::BadKey(e)),
+            Err(e) => return Prepared::Final(Decision::BadKey(e)),
         };
-        let hash = ScopedKeyHash::new(&rule.scope, &key);
-        let fingerprint = Fingerprint::of(payload);
-        let seen = match staged(&hash) {
-            Some(r) => Some(r),
-            None => store.lookup(&hash)?.filter(|r| {
-                // A scope with a shorter window than the store's forgets on
-                // its own schedule.
+        Prepared::Keyed(Fresh {
+            hash: ScopedKeyHash::new(&rule.scope, &key),
+            fingerprint: Fingerprint::of(payload),
+            key,
+            source,
+            decoded,
+        })
+    }
+
+    /// The decision of a keyed message of `topic`, given the record `staged`
+    /// earlier in the caller's batch and the record `stored` in the store. A
+    /// stored record older than the topic's scope window counts as absent.
+    pub fn resolve(
+        &self,
+        topic: &str,
+        fresh: Fresh,
+        staged: Option<DedupRecord>,
+        stored: Option<DedupRecord>,
+        now_ms: i64,
+    ) -> Decision {
+        let rule = self.rule(topic);
+        let seen = staged.or_else(|| {
+            // A scope with a shorter window than the store's forgets on its
+            // own schedule.
+            stored.filter(|r| {
                 rule.window_ms
                     .is_none_or(|w| r.first_seen_ms.max(r.refreshed_ms) + w > now_ms)
-            }),
-        };
-        Ok(match seen {
+            })
+        });
+        let Fresh {
+            key,
+            source,
+            hash,
+            fingerprint,
+            ..
+        } = &fresh;
+        match seen {
             Some(first) if first.fingerprint == fingerprint.0 => Decision::Duplicate {
                 first,
-                hash,
-                key,
-                source,
+                hash: *hash,
+                key: key.clone(),
+                source: *source,
             },
             Some(first) => Decision::Conflict {
                 first,
-                received: fingerprint,
-                key,
-                source,
+                received: *fingerprint,
+                key: key.clone(),
+                source: *source,
             },
-            None => Decision::New(Fresh {
-                key,
-                source,
-                hash,
-                fingerprint,
-                decoded,
-            }),
-        })
+            None => Decision::New(fresh),
+        }
+    }
+
+    /// Decides one message at processing time `now_ms`: first against
+    /// `staged` (records of the caller's batch not yet written), then against
+    /// the store.
+    pub fn decide(
+        &self,
+        msg: &OwnedMessage,
+        staged: impl FnOnce(&ScopedKeyHash) -> Option<DedupRecord>,
+        store: &DedupStore,
+        now_ms: i64,
+    ) -> Result<Decision, StoreError> {
+        match self.prepare(msg) {
+            Prepared::Final(d) => Ok(d),
+            Prepared::Keyed(fresh) => {
+                let staged = staged(&fresh.hash);
+                let stored = match staged {
+                    Some(_) => None,
+                    None => store.lookup(&fresh.hash)?,
+                };
+                Ok(self.resolve(msg.topic(), fresh, staged, stored, now_ms))
+            }
+        }
+    }
+}
+
+/// A message prepared for a decision: see [`Decider::prepare`].
+#[derive(Debug)]
+pub enum Prepared {
+    /// Decided without the store.
+    Final(Decision),
+    /// Keyed: the store decides.
+    Keyed(Fresh),
+}
+
+impl Prepared {
+    /// The store key to look up, when there is one.
+    pub fn hash(&self) -> Option<ScopedKeyHash> {
+        match self {
+            Prepared::Keyed(f) => Some(f.hash),
+            Prepared::Final(_) => None,
+        }
     }
 }

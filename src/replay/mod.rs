@@ -37,7 +37,8 @@ use crate::config::Config;
 use crate::dlq::DeadLetters;
 use crate::handler::Handler;
 use crate::kafka;
-use crate::pipeline::{BatchProcessor, Counted, Decision};
+use crate::key::ScopedKeyHash;
+use crate::pipeline::{BatchProcessor, Counted, Decision, Prepared};
 use crate::proto::{DedupRecord, RecordOutcome};
 use crate::store::{DedupStore, StoreOptions};
 use anyhow::Context as _;
@@ -241,24 +242,32 @@ impl Replay {
         let bar = self.progress_bar(source.expected());
         // Keys this replay would record, so a second copy inside the range is
         // a duplicate of the first, as it would be for the worker.
-        let mut staged: HashMap<crate::key::ScopedKeyHash, DedupRecord> = HashMap::new();
+        let mut staged: HashMap<ScopedKeyHash, DedupRecord> = HashMap::new();
         loop {
             let batch = source.next_batch(BATCH)?;
             if batch.is_empty() {
                 break;
             }
             let now = store.processing_time();
-            for msg in &batch {
-                let decision = decider
-                    .decide(msg, |h| staged.get(h).cloned(), &store, now)
-                    .with_context(|| {
-                        format!(
-                            "looking up the key of {}/{}@{}",
-                            msg.topic(),
-                            msg.partition(),
-                            msg.offset()
-                        )
-                    })?;
+            let prepared: Vec<Prepared> = batch.iter().map(|m| decider.prepare(m)).collect();
+            let hashes: Vec<ScopedKeyHash> = prepared.iter().filter_map(Prepared::hash).collect();
+            let found = store
+                .lookup_many(&hashes)
+                .context("looking up the keys of a batch")?;
+            let stored: HashMap<ScopedKeyHash, DedupRecord> = hashes
+                .into_iter()
+                .zip(found)
+                .filter_map(|(h, r)| Some((h, r?)))
+                .collect();
+            for (msg, prepared) in batch.iter().zip(prepared) {
+                let decision = match prepared {
+                    Prepared::Final(d) => d,
+                    Prepared::Keyed(fresh) => {
+                        let staged_record = staged.get(&fresh.hash).cloned();
+                        let from_store = stored.get(&fresh.hash).cloned();
+                        decider.resolve(msg.topic(), fresh, staged_record, from_store, now)
+                    }
+                };
                 let outcome = outcome_of(&decision);
                 let example = example_of(msg, &decision);
                 let unkeyed = decision.unkeyed();

@@ -104,13 +104,18 @@ impl DedupStore {
         })
     }
 
-    /// Bytes of every column family, on disk and in memtables.
-    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+    /// Every column family's name: buckets, metadata, offsets, handlers.
+    fn family_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.live_buckets().iter().map(Bucket::name).collect();
         names.extend([META_CF, OFFSETS_CF].map(String::from));
         names.extend(self.opts.handler_cfs.iter().map(|s| s.to_string()));
+        names
+    }
+
+    /// Bytes of every column family, on disk and in memtables.
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
         let mut total = 0;
-        for n in &names {
+        for n in &self.family_names() {
             if self.db.cf_handle(n).is_none() {
                 continue;
             }
@@ -295,11 +300,11 @@ impl DedupStore {
     /// Writes memtables to SST files, so sizes on disk are final (backups,
     /// inspection, tests of disk use).
     pub fn flush(&self) -> Result<(), StoreError> {
-        for b in self.live_buckets() {
-            if let Some(cf) = self.db.cf_handle(&b.name()) {
+        for name in self.family_names() {
+            if let Some(cf) = self.db.cf_handle(&name) {
                 self.db
                     .flush_cf(&cf)
-                    .map_err(rocks(format!("flush bucket {}", b.name())))?;
+                    .map_err(rocks(format!("flush column family {name}")))?;
             }
         }
         Ok(())
