@@ -295,3 +295,103 @@ fn over_max_store_bytes_the_oldest_bucket_goes_early_or_the_store_fails_closed()
     // Under the cap: nothing more happens.
     assert!(store.enforce_size_cap(cap, true).unwrap().is_empty());
 }
+
+/// Runs `idem store ...` on `dir`; returns (exit code, stdout, stderr).
+fn idem_store(args: &[&str], dir: &Path) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .arg("store")
+        .args(args)
+        .arg("--store-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_store_commands_read_a_store_that_is_open_for_writing_and_report_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    // The clock stands now, so that the commands (on the system clock) see
+    // the buckets as live.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let clock = ManualClock::new(now - 2 * HOUR);
+    let store = open(&store_dir, &clock, StoreOptions::default());
+    record(&store, 0..300);
+    clock.set(now);
+    record(&store, 300..500);
+    let mut b = StoreBatch::new();
+    b.checkpoint("payments", 3, 500);
+    store.commit(b).unwrap();
+    store.flush().unwrap();
+
+    // The worker's store stays open for writing while the commands read it.
+    let (code, out, err) = idem_store(&["stats", "--json"], &store_dir);
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["buckets"].as_array().unwrap().len(), 2);
+    assert_eq!(stats["estimated_keys"], 500);
+    assert_eq!(
+        stats["checkpoints"][0],
+        serde_json::json!(["payments", 3, 500])
+    );
+
+    let (code, out, _) = idem_store(
+        &["get", "--key", "k-42", "--scope", "s", "--json"],
+        &store_dir,
+    );
+    assert_eq!(code, 0);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["source"]["offset"], 42);
+    assert_eq!(got["outcome"], "HANDLED");
+    assert_eq!(got["fingerprint"], "07".repeat(16));
+    let (code, _, _) = idem_store(&["get", "--key", "k-42", "--scope", "other"], &store_dir);
+    assert_eq!(code, 5, "a key of one scope is not found in another");
+
+    let (code, out, _) = idem_store(&["expire", "--dry-run", "--json"], &store_dir);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim().replace([' ', '\n'], ""), r#"{"would_drop":[]}"#);
+
+    let (code, out, _) = idem_store(&["verify"], &store_dir);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("2 buckets, 500 records, 1 checkpoints read; 0 problems"),
+        "{out}"
+    );
+
+    // A record with a 3-byte fingerprint is a problem verify names.
+    let mut b = StoreBatch::new();
+    let bad = DedupRecord {
+        fingerprint: vec![1, 2, 3],
+        first_seen_ms: now,
+        source_topic: "t".into(),
+        source_partition: 0,
+        source_offset: 9,
+        outcome: 1,
+        refreshed_ms: 0,
+    };
+    b.record(key(9_999), store.bucket_for(now), bad);
+    store.commit(b).unwrap();
+    store.flush().unwrap();
+    let (code, out, _) = idem_store(&["verify", "--json"], &store_dir);
+    assert_eq!(code, 4);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["records"], 501);
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0]
+        .as_str()
+        .unwrap()
+        .ends_with("has a 3-byte fingerprint"));
+
+    let (code, _, err) = idem_store(&["stats"], &dir.path().join("nothing-here"));
+    assert_eq!(code, 1);
+    assert!(err.contains("no idem store at"), "{err}");
+}

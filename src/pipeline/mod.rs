@@ -212,7 +212,8 @@ impl Worker {
         }
         looper.commit_pending();
         consumer.unsubscribe();
-        let summary = stats.snapshot();
+        let mut summary = stats.snapshot();
+        summary.clock_clamps = store.clock_clamps();
         tracing::info!(?summary, "worker stopped");
         result.map(|_| summary)
     }

@@ -57,6 +57,9 @@ pub struct RunSummary {
     /// Buckets dropped before their window ended because the store passed
     /// `max_store_bytes` (`on_store_full = "drop_oldest"`).
     pub early_bucket_drops: u64,
+    /// Times the wall clock was seen behind the store's high-water mark and
+    /// clamped (processing time never runs backwards).
+    pub clock_clamps: u64,
     /// Dead letters acknowledged by the broker.
     pub dead_letters_written: u64,
     /// Batches written (one RocksDB write and fsync each).
@@ -149,6 +152,7 @@ impl Stats {
             cross_partition_duplicates: g(&self.cross_partition_duplicates),
             event_time_fallbacks: g(&self.event_time_fallbacks),
             early_bucket_drops: g(&self.early_bucket_drops),
+            clock_clamps: 0,
             dead_letters_written: g(&self.dead_letters_written),
             batches: g(&self.batches),
             commit_failures: g(&self.commit_failures),
