@@ -486,9 +486,17 @@ fn apply_env(
         };
         let value = match kind {
             Kind::Str => toml::Value::String(raw),
-            Kind::Int => toml::Value::Integer(raw.trim().parse().with_context(|| {
-                format!("{name}: `{field}` must be a whole number, got {raw:?}")
-            })?),
+            Kind::Int => toml::Value::Integer(
+                raw.trim()
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| *n >= 0)
+                    .with_context(|| {
+                        format!(
+                            "{name}: `{field}` must be a whole number of at least 0, got {raw:?}"
+                        )
+                    })?,
+            ),
             Kind::Bool => toml::Value::Boolean(match raw.trim() {
                 "true" | "1" | "yes" => true,
                 "false" | "0" | "no" => false,
@@ -553,6 +561,10 @@ mod tests {
     fn bad_values_name_the_field_and_the_allowed_values() {
         let err = Config::load(None, env(&[("IDEM_BATCH_SIZE", "lots")])).unwrap_err();
         assert!(format!("{err:#}").contains("IDEM_BATCH_SIZE: `batch_size` must be a whole number"));
+        let err = Config::load(None, env(&[("IDEM_MAX_STORE_BYTES", "-1")])).unwrap_err();
+        assert!(format!("{err:#}").contains(
+            "IDEM_MAX_STORE_BYTES: `max_store_bytes` must be a whole number of at least 0"
+        ));
         let err = Config::load(None, env(&[("IDEM_HANDLER", "teleport")])).unwrap_err();
         assert!(format!("{err:#}").contains("unknown variant `teleport`, expected `ledger`"));
         let mut c = Config {

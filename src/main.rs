@@ -394,6 +394,7 @@ fn dump(args: DumpArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn open_store_read_only(config: &Config) -> anyhow::Result<idem::store::DedupStore> {
+    config.validate_except_topics()?;
     idem::store::DedupStore::open_read_only_with_window(
         &config.store_dir,
         config.window_secs as i64 * 1000,
@@ -451,11 +452,13 @@ fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::from(5));
             };
+            let expired = store.is_expired(&bucket, store.processing_time());
             let outcome = idem::proto::RecordOutcome::try_from(r.outcome)
                 .map(|o| o.as_str_name().to_string())
                 .unwrap_or_else(|_| format!("unknown ({})", r.outcome));
             let value = serde_json::json!({
                 "found": true,
+                "expired": expired,
                 "scope": scope,
                 "bucket": bucket.name(),
                 "first_seen_ms": r.first_seen_ms,
@@ -472,8 +475,15 @@ fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
                     r.source_partition,
                     r.source_offset,
                     hex::encode(&r.fingerprint)
-                )
+                ) + if expired {
+                    "expired: past the window, no longer consulted (dropped at the next expiry)\n"
+                } else {
+                    ""
+                }
             })?;
+            if expired {
+                return Ok(ExitCode::from(5));
+            }
         }
         StoreCommand::Expire {
             config,
@@ -481,12 +491,29 @@ fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let config = load_config(config)?;
+            // Never a shorter window than the last worker ran with: a
+            // command run without the worker's configuration must not drop
+            // live buckets.
+            let probe = open_store_read_only(&config)?;
+            let configured = config.window_secs as i64 * 1000;
+            let window_ms = probe.recorded_window_ms()?.unwrap_or(0).max(configured);
+            if window_ms > configured {
+                eprintln!(
+                    "idem: using the window the worker last ran with ({} s), longer than the configured {} s",
+                    window_ms / 1000,
+                    config.window_secs
+                );
+            }
+            drop(probe);
             let (buckets, verb) = if dry_run {
-                let store = open_store_read_only(&config)?;
+                let store = idem::store::DedupStore::open_read_only_with_window(
+                    &config.store_dir,
+                    window_ms,
+                )?;
                 (store.expired_buckets(store.processing_time()), "would drop")
             } else {
                 let opts = idem::store::StoreOptions {
-                    window_ms: config.window_secs as i64 * 1000,
+                    window_ms,
                     bucket_secs: config.bucket_secs as i64,
                     ..Default::default()
                 };
@@ -512,7 +539,17 @@ fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
         }
         StoreCommand::Verify { config, json } => {
             let config = load_config(config)?;
-            let report = open_store_read_only(&config)?.verify()?;
+            let report = match open_store_read_only(&config) {
+                Ok(store) => store.verify()?,
+                // A store RocksDB refuses to open is the first problem.
+                Err(e) if idem::store::DedupStore::exists_at(&config.store_dir) => {
+                    idem::store::VerifyReport {
+                        problems: vec![format!("the store does not open: {e:#}")],
+                        ..Default::default()
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             print_json_or(json, &report, || {
                 let mut s = format!(
                     "{} buckets, {} records, {} checkpoints read; {} problems\n",

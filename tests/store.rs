@@ -395,3 +395,61 @@ fn the_store_commands_read_a_store_that_is_open_for_writing_and_report_exactly()
     assert_eq!(code, 1);
     assert!(err.contains("no idem store at"), "{err}");
 }
+
+#[test]
+fn a_store_is_never_created_over_a_damaged_one_or_among_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let busy = dir.path().join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), "not a store").unwrap();
+    let err = DedupStore::open(&busy, StoreOptions::default(), Arc::new(clock.clone()))
+        .err()
+        .unwrap();
+    assert!(matches!(err, idem::store::StoreError::NotEmpty(_)), "{err}");
+
+    let damaged = dir.path().join("damaged");
+    drop(open(&damaged, &clock, StoreOptions::default()));
+    std::fs::remove_file(damaged.join("CURRENT")).unwrap();
+    let err = DedupStore::open(&damaged, StoreOptions::default(), Arc::new(clock.clone()))
+        .err()
+        .unwrap();
+    assert!(matches!(err, idem::store::StoreError::Damaged(_)), "{err}");
+    assert!(
+        !damaged.join("CURRENT").exists(),
+        "nothing was written over it"
+    );
+    let err = DedupStore::open_read_only(&damaged).err().unwrap();
+    assert!(err.to_string().contains("is damaged"), "{err}");
+}
+
+#[test]
+fn a_wal_corrupted_before_its_last_record_refuses_to_open_instead_of_losing_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    {
+        let store = open(dir.path(), &clock, StoreOptions::default());
+        for b in 0..10u64 {
+            record(&store, b * 100..(b + 1) * 100);
+        }
+    }
+    let wal = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&wal).unwrap();
+    assert!(
+        bytes.len() > 20_000,
+        "the batches are in the WAL ({} bytes)",
+        bytes.len()
+    );
+    let middle = bytes.len() / 3;
+    bytes[middle..middle + 8].copy_from_slice(b"XXXXXXXX");
+    std::fs::write(&wal, &bytes).unwrap();
+    let err = DedupStore::open(dir.path(), StoreOptions::default(), Arc::new(clock.clone()))
+        .err()
+        .expect("a corrupted WAL must not open as if the later batches never happened");
+    assert!(err.to_string().contains("Corruption"), "{err}");
+}

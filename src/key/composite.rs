@@ -29,6 +29,7 @@
 //!   match (the next key source applies), rather than producing a key that
 //!   would merge different operations.
 
+use crate::key::Fingerprint;
 use crate::payload::Decoded;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -47,7 +48,7 @@ pub struct CompositeKey {
 }
 
 /// One named part of a composed key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyPart {
     /// The part's name, written into the key.
@@ -110,15 +111,86 @@ fn escape_into(out: &mut String, value: &str) {
     }
 }
 
+/// A JSON value with every object's keys in sorted order, compact: the same
+/// document whatever its field order or whitespace.
+fn canonical_json(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                // A string always serialises.
+                out.extend_from_slice(&serde_json::to_vec(k).unwrap_or_default());
+                out.push(b':');
+                canonical_json(v, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical_json(v, out);
+            }
+            out.push(b']');
+        }
+        other => out.extend_from_slice(&serde_json::to_vec(other).unwrap_or_default()),
+    }
+}
+
 impl CompositeKey {
+    /// The fingerprint of a message keyed by this rule, which decides between
+    /// a duplicate and a conflict:
+    /// - a semantic key (`fields`) names every field that makes the
+    ///   operation, so the fingerprint is the key itself: a re-send with
+    ///   other ids, field order, whitespace or extra fields is a duplicate,
+    ///   never a conflict;
+    /// - a composed key (`parts`) fingerprints the payload's content: for JSON
+    ///   its canonical form (sorted keys, no whitespace), so only a change of
+    ///   a value is a conflict; for other payloads the bytes.
+    pub fn fingerprint(&self, key: &[u8], payload: &Decoded, raw: &[u8]) -> Fingerprint {
+        if !self.fields.is_empty() {
+            return Fingerprint::of(key);
+        }
+        match payload {
+            Decoded::Json(v) => {
+                let mut buf = Vec::with_capacity(raw.len());
+                canonical_json(v, &mut buf);
+                Fingerprint::of(&buf)
+            }
+            _ => Fingerprint::of(raw),
+        }
+    }
+
     /// Checks the rule; the error names the part and what is allowed.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.fields.is_empty() == self.parts.is_empty() {
             anyhow::bail!("`key` must have exactly one of `fields` (a semantic key) or `parts` (a composed key)");
         }
+        let bad_field = |f: &String| f.trim().is_empty() || f.contains(char::is_whitespace);
+        if let Some(f) = self.fields.iter().find(|f| bad_field(f)) {
+            anyhow::bail!("`key.fields`: {f:?} is not a field name or JSON pointer");
+        }
+        let mut names = std::collections::BTreeSet::new();
         for (i, p) in self.parts.iter().enumerate() {
             if p.name.is_empty() {
                 anyhow::bail!("`key.parts[{i}].name` must not be empty");
+            }
+            if !names.insert(p.name.as_str()) {
+                anyhow::bail!("`key.parts[{i}].name` {:?} is used twice", p.name);
+            }
+            if let Some(f) = p.field.iter().chain(&p.hash).find(|f| bad_field(f)) {
+                anyhow::bail!(
+                    "`key.parts[{i}]` ({}): {f:?} is not a field name or JSON pointer",
+                    p.name
+                );
             }
             let sources = [p.field.is_some(), p.literal.is_some(), !p.hash.is_empty()]
                 .iter()
@@ -138,6 +210,17 @@ impl CompositeKey {
             if p.time_window_secs == Some(0) {
                 anyhow::bail!("`key.parts[{i}].time_window_secs` must be at least 1");
             }
+        }
+        if !self.parts.is_empty()
+            && !self
+                .parts
+                .iter()
+                .any(|p| !p.optional && (p.field.is_some() || !p.hash.is_empty()))
+        {
+            anyhow::bail!(
+                "`key.parts` needs at least one part that is not optional and reads the payload (`field` or `hash`): \
+                 literals and optional parts alone would give different operations the same key"
+            );
         }
         Ok(())
     }
@@ -159,7 +242,12 @@ impl CompositeKey {
             let value = if let Some(l) = &p.literal {
                 l.clone()
             } else if !p.hash.is_empty() {
-                canonical_hash(payload, &p.hash)
+                let absent = p.hash.iter().all(|f| payload.field(&pointer(f)).is_none());
+                match (absent, p.optional) {
+                    (true, true) => String::new(),
+                    (true, false) => return None,
+                    (false, _) => canonical_hash(payload, &p.hash),
+                }
             } else {
                 let field = pointer(p.field.as_deref().unwrap_or_default());
                 match (payload.field(&field), p.time_window_secs) {
@@ -340,5 +428,108 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("`key.parts[0]` (x) must have exactly one of"));
+    }
+
+    #[test]
+    fn a_semantic_retry_is_a_duplicate_and_a_composed_key_conflicts_only_on_a_changed_value() {
+        let a = json(r#"{"account_id":"s","amount_minor":100,"currency":"EUR","kind":"capture"}"#);
+        let b = json(
+            r#"{ "currency" : "EUR", "amount_minor": 100, "account_id":"s", "kind":"capture", "note":"retry" }"#,
+        );
+        let r = semantic();
+        let (ka, kb) = (r.derive(&a).unwrap(), r.derive(&b).unwrap());
+        assert_eq!(ka, kb);
+        assert_eq!(r.fingerprint(&ka, &a, b"a"), r.fingerprint(&kb, &b, b"b"));
+
+        let composed = CompositeKey {
+            fields: vec![],
+            parts: vec![KeyPart {
+                name: "account".into(),
+                field: Some("/account_id".into()),
+                ..KeyPart::default()
+            }],
+        };
+        composed.validate().unwrap();
+        let c = json(r#"{"kind":"capture","currency":"EUR","amount_minor":100,"account_id":"s"}"#);
+        let d = json(r#"{"account_id":"s","amount_minor":200,"currency":"EUR","kind":"capture"}"#);
+        let k = composed.derive(&a).unwrap();
+        assert_eq!(composed.derive(&d).unwrap(), k);
+        // Field order and whitespace: the same content.
+        assert_eq!(
+            composed.fingerprint(&k, &a, b""),
+            composed.fingerprint(&k, &c, b"")
+        );
+        // Another amount under the same key: a conflict.
+        assert_ne!(
+            composed.fingerprint(&k, &a, b""),
+            composed.fingerprint(&k, &d, b"")
+        );
+    }
+
+    #[test]
+    fn a_composed_key_must_read_the_payload_somewhere() {
+        let only_literal_and_optional = CompositeKey {
+            fields: vec![],
+            parts: vec![
+                KeyPart {
+                    name: "op".into(),
+                    literal: Some("capture".into()),
+                    ..KeyPart::default()
+                },
+                KeyPart {
+                    name: "order".into(),
+                    field: Some("/merchant_reference".into()),
+                    optional: true,
+                    ..KeyPart::default()
+                },
+            ],
+        };
+        let e = only_literal_and_optional
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs at least one part that is not optional and reads the payload"),
+            "{e}"
+        );
+        let twice = CompositeKey {
+            fields: vec![],
+            parts: vec![
+                KeyPart {
+                    name: "a".into(),
+                    field: Some("/x".into()),
+                    ..KeyPart::default()
+                },
+                KeyPart {
+                    name: "a".into(),
+                    field: Some("/y".into()),
+                    ..KeyPart::default()
+                },
+            ],
+        };
+        assert!(twice
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("is used twice"));
+        let blank = CompositeKey {
+            fields: vec!["".into()],
+            parts: vec![],
+        };
+        assert!(blank
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("is not a field name"));
+        // A required hash part over absent fields does not match.
+        let hashed = CompositeKey {
+            fields: vec![],
+            parts: vec![KeyPart {
+                name: "c".into(),
+                hash: vec!["/amount_minor".into()],
+                ..KeyPart::default()
+            }],
+        };
+        assert_eq!(hashed.derive(&json(r#"{"other":1}"#)), None);
     }
 }

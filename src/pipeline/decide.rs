@@ -156,9 +156,13 @@ impl Decider {
             Ok(k) => k,
             Err(e) => return Prepared::Final(Decision::BadKey(e)),
         };
+        let fingerprint = match (&rule.key_rule.composite, source) {
+            (Some(c), KeySource::Composite) => c.fingerprint(&key.0, &decoded, payload),
+            _ => Fingerprint::of(payload),
+        };
         Prepared::Keyed(Fresh {
             hash: ScopedKeyHash::new(&rule.scope, &key),
-            fingerprint: Fingerprint::of(payload),
+            fingerprint,
             key,
             source,
             decoded,

@@ -8,7 +8,7 @@
 
 use super::{
     parse_checkpoint_key, rocks, Bucket, DedupStore, StoreError, META_BUCKET, META_CF, META_SCHEMA,
-    OFFSETS_CF, SCHEMA_VERSION,
+    META_WINDOW, OFFSETS_CF, SCHEMA_VERSION,
 };
 use crate::proto::{Checkpoint, DedupRecord};
 use prost::Message as _;
@@ -46,6 +46,8 @@ pub struct StoreStats {
     pub estimated_keys: u64,
     /// Sum of the buckets' SST and memtable bytes.
     pub bytes: u64,
+    /// Bytes of the store directory on disk (what `max_store_bytes` caps).
+    pub disk_bytes: u64,
     /// Start of the oldest bucket, Unix milliseconds.
     pub oldest_ms: Option<i64>,
     /// End of the newest bucket, Unix milliseconds.
@@ -97,6 +99,7 @@ impl DedupStore {
             window_ms: self.opts.window_ms,
             estimated_keys: buckets.iter().map(|b| b.estimated_keys).sum(),
             bytes: buckets.iter().map(|b| b.sst_bytes + b.memtable_bytes).sum(),
+            disk_bytes: self.size_bytes()?,
             oldest_ms: buckets.first().map(|b| b.start_ms),
             newest_ms: buckets.last().map(|b| b.end_ms),
             buckets,
@@ -112,17 +115,18 @@ impl DedupStore {
         names
     }
 
-    /// Bytes of every column family, on disk and in memtables.
+    /// Bytes of the store directory on disk (SST files, WAL, manifest), as
+    /// `du` would count them: what `max_store_bytes` caps.
     pub fn size_bytes(&self) -> Result<u64, StoreError> {
-        let mut total = 0;
-        for n in &self.family_names() {
-            if self.db.cf_handle(n).is_none() {
-                continue;
-            }
-            total += self.int_property(n, "rocksdb.total-sst-files-size")?
-                + self.int_property(n, "rocksdb.size-all-mem-tables")?;
-        }
-        Ok(total)
+        let entries = std::fs::read_dir(&self.path).map_err(|e| StoreError::Io {
+            action: format!("list the store directory {}", self.path.display()),
+            cause: e,
+        })?;
+        Ok(entries
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum())
     }
 
     /// Keeps the store under `max_bytes`: with `drop_oldest`, drops the
@@ -134,14 +138,26 @@ impl DedupStore {
         drop_oldest: bool,
     ) -> Result<Vec<Bucket>, StoreError> {
         let mut dropped = Vec::new();
+        if self.size_bytes()? > max_bytes {
+            // Records still only in the WAL: as SST files they are smaller,
+            // and dropping a bucket then frees its files.
+            self.flush()?;
+        }
         loop {
             let bytes = self.size_bytes()?;
             if bytes <= max_bytes {
                 return Ok(dropped);
             }
             let live = self.live_buckets();
-            if !drop_oldest || live.len() <= 1 {
+            if !drop_oldest {
                 return Err(StoreError::Full {
+                    path: self.path.clone(),
+                    bytes,
+                    max: max_bytes,
+                });
+            }
+            if live.len() <= 1 {
+                return Err(StoreError::FullAtOneBucket {
                     path: self.path.clone(),
                     bytes,
                     max: max_bytes,
@@ -167,6 +183,24 @@ impl DedupStore {
                 dropped.push(oldest);
             }
         }
+    }
+
+    /// The window the last worker on this store ran with, milliseconds
+    /// (stores written before it was recorded: `None`).
+    pub fn recorded_window_ms(&self) -> Result<Option<i64>, StoreError> {
+        let meta = self.cf(META_CF)?;
+        Ok(self
+            .db
+            .get_cf(&meta, META_WINDOW)
+            .map_err(rocks("read the recorded window"))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(|b| u64::from_be_bytes(b) as i64))
+    }
+
+    /// True when `bucket` is past the window at `now_ms`: a lookup no longer
+    /// consults it, even before it is dropped.
+    pub fn is_expired(&self, bucket: &Bucket, now_ms: i64) -> bool {
+        bucket.expires_at_ms(self.opts.window_ms) <= now_ms
     }
 
     /// Buckets that [`DedupStore::expire`] would drop at `now_ms`.
@@ -233,7 +267,15 @@ impl DedupStore {
                 continue;
             };
             for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
-                let (k, v) = item.map_err(rocks(format!("read bucket {}", b.name())))?;
+                let (k, v) = match item {
+                    Ok(kv) => kv,
+                    Err(e) => {
+                        report
+                            .problems
+                            .push(format!("bucket {}: RocksDB cannot read it: {e}", b.name()));
+                        break;
+                    }
+                };
                 report.records += 1;
                 if k.len() != 16 {
                     report.problems.push(format!(
@@ -260,7 +302,15 @@ impl DedupStore {
         }
         let offsets = self.cf(OFFSETS_CF)?;
         for item in self.db.iterator_cf(&offsets, rocksdb::IteratorMode::Start) {
-            let (k, v) = item.map_err(rocks("read checkpoints"))?;
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => {
+                    report
+                        .problems
+                        .push(format!("offsets: RocksDB cannot read them: {e}"));
+                    break;
+                }
+            };
             report.checkpoints += 1;
             let Some((topic, partition)) = parse_checkpoint_key(&k) else {
                 report.problems.push(format!(
@@ -356,6 +406,7 @@ impl StoreStats {
             "{:<14} {:<22} {:<22} {:>12} {:>14}",
             "total", "", "", self.estimated_keys, self.bytes
         );
+        let _ = writeln!(s, "store directory on disk: {} bytes", self.disk_bytes);
         if let (Some(o), Some(n)) = (self.oldest_ms, self.newest_ms) {
             let _ = writeln!(s, "oldest {} .. newest {}", format_ms(o), format_ms(n));
         }

@@ -45,6 +45,7 @@ pub const SCHEMA_VERSION: u64 = 1;
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_BUCKET: &[u8] = b"bucket_secs";
 const META_HWM: &[u8] = b"clock_high_water_ms";
+const META_WINDOW: &[u8] = b"window_ms";
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
@@ -88,6 +89,14 @@ pub enum StoreError {
         /// Version supported.
         supported: u64,
     },
+    /// The directory has store files but no `CURRENT`.
+    #[error("the store at {0} is damaged: it has RocksDB files but no CURRENT file; restore it from a backup (idem will not create a new store over it)")]
+    Damaged(PathBuf),
+    /// A new store would be created among other files.
+    #[error(
+        "{0} is not empty and holds no idem store; give an empty or new directory as `store_dir`"
+    )]
+    NotEmpty(PathBuf),
     /// The directory holds no store.
     #[error("no idem store at {0} (no RocksDB database there): check `store_dir` / --store-dir")]
     NotAStore(PathBuf),
@@ -98,6 +107,28 @@ pub enum StoreError {
         what: &'static str,
         /// The decoder's complaint.
         detail: String,
+    },
+    /// A file-system operation on the store directory failed.
+    #[error("could not {action}: {cause}")]
+    Io {
+        /// What was being attempted.
+        action: String,
+        /// The error (in the message, not a `source`).
+        cause: std::io::Error,
+    },
+    /// Over `max_store_bytes` with only the current bucket left to drop.
+    #[error(
+        "the store at {path} holds {bytes} bytes, over max_store_bytes = {max}, with only the current \
+         bucket left (on_store_full = \"drop_oldest\" never drops it); nothing more is handled: raise \
+         max_store_bytes or narrow bucket_secs"
+    )]
+    FullAtOneBucket {
+        /// Store directory.
+        path: PathBuf,
+        /// Its size now.
+        bytes: u64,
+        /// The cap.
+        max: u64,
     },
     /// The store is over `max_store_bytes` and the policy is to fail closed.
     #[error(
@@ -192,7 +223,32 @@ impl DedupStore {
         opts: StoreOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
+        if !Self::exists_at(path) {
+            Self::check_fresh_dir(path)?;
+        }
         Self::open_inner(path, opts, clock, false)
+    }
+
+    /// A new store is only created in a missing or empty directory: never
+    /// over a damaged store (files without `CURRENT`) or someone else's files.
+    fn check_fresh_dir(path: &Path) -> Result<(), StoreError> {
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return Ok(()); // missing: RocksDB creates it
+        };
+        let names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if names
+            .iter()
+            .any(|n| n.starts_with("MANIFEST-") || n.ends_with(".sst"))
+        {
+            return Err(StoreError::Damaged(path.to_path_buf()));
+        }
+        if !names.is_empty() {
+            return Err(StoreError::NotEmpty(path.to_path_buf()));
+        }
+        Ok(())
     }
 
     /// True when `path` holds a RocksDB database (an idem store or not).
@@ -211,6 +267,7 @@ impl DedupStore {
     /// (the configured window) so that lookups see what the worker sees.
     pub fn open_read_only_with_window(path: &Path, window_ms: i64) -> Result<Self, StoreError> {
         if !Self::exists_at(path) {
+            Self::check_fresh_dir(path)?;
             return Err(StoreError::NotAStore(path.to_path_buf()));
         }
         let opts = StoreOptions {
@@ -253,6 +310,10 @@ impl DedupStore {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_keep_log_file_num(4);
+        // A torn last record (a crash mid-write of a batch never acknowledged)
+        // is dropped; corruption anywhere else refuses to open instead of
+        // silently losing every batch after it.
+        db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
         let existing = if path.join("CURRENT").exists() {
             Db::list_cf(&db_opts, path).map_err(rocks("list the store's column families"))?
         } else {
@@ -349,6 +410,13 @@ impl DedupStore {
                 )
                 .map_err(rocks("write the bucket width"))?,
         }
+        self.db
+            .put_cf(
+                &meta,
+                META_WINDOW,
+                (self.opts.window_ms as u64).to_be_bytes(),
+            )
+            .map_err(rocks("write the window"))?;
         if let Some(hwm) = read_u64(META_HWM)? {
             self.high_water_ms.store(hwm as i64, Ordering::SeqCst);
         }
