@@ -160,6 +160,10 @@ pub struct Config {
     pub scopes: BTreeMap<String, ScopeConfig>,
     /// librdkafka properties passed through (security, tuning).
     pub kafka: BTreeMap<String, toml::Value>,
+    /// Things worth a warning at start-up that are not errors (an `IDEM_*`
+    /// variable that sets nothing, a scope no topic uses).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 impl Default for Config {
@@ -192,6 +196,7 @@ impl Default for Config {
             topic_rules: BTreeMap::new(),
             scopes: BTreeMap::new(),
             kafka: BTreeMap::new(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -263,11 +268,34 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut table, env)?;
-        let config: Config = toml::Value::Table(table)
+        let unknown = apply_env(&mut table, env)?;
+        let mut config: Config = toml::Value::Table(table)
             .try_into()
             .context("invalid configuration")?;
+        config.warnings = unknown
+            .into_iter()
+            .map(|n| {
+                format!("environment variable {n} sets no idem setting (misspelt?); it is ignored")
+            })
+            .collect();
         Ok(config)
+    }
+
+    /// The start-up warnings: [`Config::warnings`] and `[scopes.x]` entries
+    /// that no topic uses.
+    pub fn all_warnings(&self) -> Vec<String> {
+        let mut out = self.warnings.clone();
+        let used: Vec<&str> = std::iter::once(self.scope())
+            .chain(self.topic_rules.values().filter_map(|o| o.scope.as_deref()))
+            .collect();
+        for name in self.scopes.keys() {
+            if !used.contains(&name.as_str()) {
+                out.push(format!(
+                    "`scopes.{name}` is configured but no topic uses scope {name:?}"
+                ));
+            }
+        }
+        out
     }
 
     /// The scope that qualifies every key.
@@ -460,10 +488,16 @@ fn validate_topic_name(field: &str, t: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `IDEM_*` variables that belong to the tests and scripts, not to a worker.
+const FOREIGN_ENV: &[&str] = &["IDEM_TEST_", "IDEM_BROKER_DIR"];
+
+/// Overlays `IDEM_*` variables on `table`; returns the names of `IDEM_*`
+/// variables that set nothing (a misspelling, for the start-up warning).
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
+    let mut unknown = Vec::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix("IDEM_") else {
             continue;
@@ -482,7 +516,10 @@ fn apply_env(
         }
         let field = rest.to_ascii_lowercase();
         let Some((_, kind)) = ENV_FIELDS.iter().find(|(f, _)| *f == field) else {
-            continue; // IDEM_TEST_BROKERS and the like are not ours to judge
+            if !FOREIGN_ENV.iter().any(|p| name.starts_with(p)) {
+                unknown.push(name);
+            }
+            continue;
         };
         let value = match kind {
             Kind::Str => toml::Value::String(raw),
@@ -512,7 +549,7 @@ fn apply_env(
         };
         table.insert(field, value);
     }
-    Ok(())
+    Ok(unknown)
 }
 
 #[cfg(test)]
@@ -561,6 +598,15 @@ mod tests {
     fn bad_values_name_the_field_and_the_allowed_values() {
         let err = Config::load(None, env(&[("IDEM_BATCH_SIZE", "lots")])).unwrap_err();
         assert!(format!("{err:#}").contains("IDEM_BATCH_SIZE: `batch_size` must be a whole number"));
+        let c = Config::load(
+            None,
+            env(&[("IDEM_WINDOW_SEC", "5"), ("IDEM_TEST_BROKERS", "x")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.all_warnings(),
+            vec!["environment variable IDEM_WINDOW_SEC sets no idem setting (misspelt?); it is ignored"]
+        );
         let err = Config::load(None, env(&[("IDEM_MAX_STORE_BYTES", "-1")])).unwrap_err();
         assert!(format!("{err:#}").contains(
             "IDEM_MAX_STORE_BYTES: `max_store_bytes` must be a whole number of at least 0"

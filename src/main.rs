@@ -277,16 +277,31 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     config.validate()?;
     idem::telemetry::init(config.log_format);
+    for w in config.all_warnings() {
+        tracing::warn!("{w}");
+    }
     let deadline = Duration::from_secs(config.shutdown_timeout_secs);
     let worker = Worker::new(config, Box::new(idem::handler::ledger::Ledger))?;
+    let stats = worker.stats();
     let stop = if args.until_caught_up {
         StopWhen::CaughtUp
     } else {
         StopWhen::Shutdown
     };
-    let summary = idem::shutdown::run_until_signal(worker, stop, deadline)?;
-    println!("{}", serde_json::json!({ "summary": summary }));
-    Ok(ExitCode::SUCCESS)
+    match idem::shutdown::run_until_signal(worker, stop, deadline) {
+        Ok(summary) => {
+            println!("{}", serde_json::json!({ "summary": summary }));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            // What was durable before the failure, for the operator's script.
+            println!(
+                "{}",
+                serde_json::json!({ "summary": stats.snapshot(), "error": format!("{e:#}") })
+            );
+            Err(e)
+        }
+    }
 }
 
 fn demo(json: bool, unique: usize, resends: usize, conflicts: usize) -> anyhow::Result<ExitCode> {
