@@ -554,15 +554,15 @@ fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
         }
         StoreCommand::Verify { config, json } => {
             let config = load_config(config)?;
+            config.validate_except_topics()?;
             let report = match open_store_read_only(&config) {
                 Ok(store) => store.verify()?,
-                // A store RocksDB refuses to open is the first problem.
-                Err(e) if idem::store::DedupStore::exists_at(&config.store_dir) => {
-                    idem::store::VerifyReport {
-                        problems: vec![format!("the store does not open: {e:#}")],
-                        ..Default::default()
-                    }
-                }
+                // A store that does not open (damaged, unreadable) is the
+                // first problem; a directory that is not there is an error.
+                Err(e) if config.store_dir.is_dir() => idem::store::VerifyReport {
+                    problems: vec![format!("the store does not open: {e:#}")],
+                    ..Default::default()
+                },
                 Err(e) => return Err(e),
             };
             print_json_or(json, &report, || {

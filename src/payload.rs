@@ -95,7 +95,7 @@ impl Decoded {
                 serde_json::Value::Bool(b) => b.to_string(),
                 _ => return None,
             },
-            Decoded::Proto(ev) => payment_event_field(ev, pointer.trim_start_matches('/'))?,
+            Decoded::Proto(ev) => payment_event_field(ev, pointer.rsplit('/').next()?)?,
             Decoded::Opaque => return None,
         };
         (!value.is_empty()).then_some(value)

@@ -55,8 +55,9 @@ use std::sync::Arc;
 /// Prefix of the checkpoints an applying replay writes.
 pub const REPLAY_CHECKPOINT_PREFIX: &str = "replay:";
 
-/// Messages decided per batch (with `apply`: per store write).
-const BATCH: usize = 500;
+/// Messages per batch of a dump (a replay uses the configured `batch_size`,
+/// as the worker does).
+const DUMP_BATCH: usize = 500;
 
 #[derive(Debug, Clone)]
 enum Source {
@@ -244,7 +245,7 @@ impl Replay {
         // a duplicate of the first, as it would be for the worker.
         let mut staged: HashMap<ScopedKeyHash, DedupRecord> = HashMap::new();
         loop {
-            let batch = source.next_batch(BATCH)?;
+            let batch = source.next_batch(self.config.batch_size)?;
             if batch.is_empty() {
                 break;
             }
@@ -363,7 +364,7 @@ impl Replay {
         };
         let bar = self.progress_bar(source.expected());
         loop {
-            let batch = source.next_batch(BATCH)?;
+            let batch = source.next_batch(self.config.batch_size)?;
             if batch.is_empty() {
                 break;
             }
@@ -449,7 +450,7 @@ pub fn dump(
     let mut reader = TopicReader::open(config, topic, partitions, from, to)?;
     let mut n = 0u64;
     loop {
-        let batch = reader.next_batch(BATCH)?;
+        let batch = reader.next_batch(DUMP_BATCH)?;
         if batch.is_empty() {
             break;
         }

@@ -227,8 +227,26 @@ impl DedupStore {
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
         let meta = self.cf(META_CF)?;
-        let read = |k: &[u8]| self.db.get_cf(&meta, k).map_err(rocks("read metadata"));
-        match read(META_SCHEMA)? {
+        let read = |k: &[u8]| -> Result<Option<Vec<u8>>, StoreError> {
+            match self.db.get_cf(&meta, k) {
+                Ok(v) => Ok(v),
+                Err(e) => {
+                    // Unreadable metadata is a problem to list, not a stop.
+                    Err(StoreError::Corrupt {
+                        what: "metadata",
+                        detail: e.to_string(),
+                    })
+                }
+            }
+        };
+        let schema = read(META_SCHEMA);
+        let width = read(META_BUCKET);
+        for r in [&schema, &width] {
+            if let Err(e) = r {
+                report.problems.push(format!("meta: {e}"));
+            }
+        }
+        match schema.unwrap_or(Some(SCHEMA_VERSION.to_be_bytes().to_vec())) {
             None => report.problems.push("meta: no schema version".into()),
             Some(v) => match <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes) {
                 Ok(SCHEMA_VERSION) => {}
@@ -240,7 +258,7 @@ impl DedupStore {
                     .push(format!("meta: schema version is {} bytes, not 8", v.len())),
             },
         }
-        match read(META_BUCKET)? {
+        match width.unwrap_or(Some((self.opts.bucket_secs as u64).to_be_bytes().to_vec())) {
             None => report.problems.push("meta: no bucket width".into()),
             Some(v) => match <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes) {
                 Ok(w) if w as i64 == self.opts.bucket_secs && w > 0 => {}

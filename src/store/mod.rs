@@ -67,8 +67,8 @@ pub enum StoreError {
     },
     /// The store was written with another bucket width.
     #[error(
-        "the store at {path} was created with bucket = {stored}s but the configuration says \
-         bucket = {configured}s; set bucket back to {stored}s, or move the store directory \
+        "the store at {path} was created with bucket_secs = {stored} but the configuration says \
+         bucket_secs = {configured}; set `bucket_secs` back to {stored}, or move the store directory \
          away to start a fresh one (its keys will then be forgotten)"
     )]
     BucketWidthChanged {
