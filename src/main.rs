@@ -336,6 +336,7 @@ fn demo(json: bool, unique: usize, resends: usize, conflicts: usize) -> anyhow::
 fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(args.config)?;
     config.validate_except_topics()?;
+    let scope = config.scope().to_string();
     idem::telemetry::init_with_default(config.log_format, "warn,librdkafka=error,rdkafka=error");
     let mut replay = match (&args.file, &args.topic) {
         (Some(path), topic) => {
@@ -364,6 +365,11 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.render());
+    }
+    if report.total.messages > 0 && report.total.new == report.total.messages && !report.applied {
+        eprintln!(
+            "idem: every message is new to scope {scope:?}: if the worker of this store uses another group id or scope, pass its --group-id or --config"
+        );
     }
     if args.expect_no_op && report.total.messages == 0 {
         eprintln!("idem: replay read no message, so it proves nothing; check --topic, --partitions, --from and --to (exit status 4)");

@@ -212,8 +212,8 @@ impl Worker {
         }
         looper.commit_pending();
         consumer.unsubscribe();
-        let mut summary = stats.snapshot();
-        summary.clock_clamps = store.clock_clamps();
+        stats.set_clock_clamps(store.clock_clamps());
+        let summary = stats.snapshot();
         tracing::info!(?summary, "worker stopped");
         result.map(|_| summary)
     }

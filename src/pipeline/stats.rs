@@ -21,6 +21,7 @@ pub struct Stats {
     cross_partition_duplicates: AtomicU64,
     event_time_fallbacks: AtomicU64,
     early_bucket_drops: AtomicU64,
+    clock_clamps: AtomicU64,
     dead_letters_written: AtomicU64,
     batches: AtomicU64,
     commit_failures: AtomicU64,
@@ -131,6 +132,11 @@ impl Stats {
         self.processing_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Sets how many times the store clamped a clock that ran backwards.
+    pub fn set_clock_clamps(&self, n: u64) {
+        self.clock_clamps.store(n, Ordering::Relaxed);
+    }
+
     /// Counts a failed offset commit.
     pub fn commit_failed(&self) {
         self.commit_failures.fetch_add(1, Ordering::Relaxed);
@@ -152,7 +158,7 @@ impl Stats {
             cross_partition_duplicates: g(&self.cross_partition_duplicates),
             event_time_fallbacks: g(&self.event_time_fallbacks),
             early_bucket_drops: g(&self.early_bucket_drops),
-            clock_clamps: 0,
+            clock_clamps: g(&self.clock_clamps),
             dead_letters_written: g(&self.dead_letters_written),
             batches: g(&self.batches),
             commit_failures: g(&self.commit_failures),
