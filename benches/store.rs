@@ -155,7 +155,7 @@ fn main() {
     // Lookups across 1, 25 and 169 buckets: misses, and hits in the oldest
     // bucket (the last one a newest-first lookup reaches).
     let per_bucket = 2_000 * scale as u64;
-    for buckets in [1u64, 25, 169] {
+    for buckets in [1u64, 5, 25, 169] {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = ManualClock::new(T0);
         let store = open(dir.path(), &clock, false, 200 * HOUR);
