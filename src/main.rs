@@ -517,7 +517,7 @@ fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
             // live buckets.
             let probe = open_store_read_only(&config)?;
             let configured = config.window_secs as i64 * 1000;
-            let window_ms = probe.recorded_window_ms()?.unwrap_or(0).max(configured);
+            let window_ms = probe.expiry_window_ms(configured)?;
             if window_ms > configured {
                 eprintln!(
                     "idem: using the window the worker last ran with ({} s), longer than the configured {} s",

@@ -5,22 +5,16 @@ mod common;
 
 use common::*;
 use idem::config::ResumeFrom;
-use idem::handler::ledger::{self, Ledger};
+use idem::handler::ledger;
 use idem::key::Fingerprint;
-use idem::pipeline::{RunSummary, StopWhen, Worker};
+use idem::pipeline::RunSummary;
 use idem::workload::{produce_messages, Role, Workload, WorkloadSpec};
 use rdkafka::Message;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 fn run(config: idem::config::Config) -> (RunSummary, Arc<idem::store::DedupStore>) {
-    let worker = Worker::new(config, Box::new(Ledger)).unwrap();
-    let store = worker.store();
-    let summary = worker
-        .run(Arc::new(AtomicBool::new(false)), StopWhen::CaughtUp)
-        .unwrap();
-    (summary, store)
+    run_ledger(config, None)
 }
 
 #[test]
@@ -200,19 +194,8 @@ fn a_replay_after_a_30_hour_outage_is_refused_by_the_ledger_never_applied_twice(
     });
     workload.produce(&brokers(), &topic).unwrap();
     let config = config(&topic, &group, &dir.path().join("store"));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let clock = idem::clock::ManualClock::new(now);
-    let run_at = |config: idem::config::Config| {
-        let worker = Worker::with_clock(config, Box::new(Ledger), Arc::new(clock.clone())).unwrap();
-        let store = worker.store();
-        let s = worker
-            .run(Arc::new(AtomicBool::new(false)), StopWhen::CaughtUp)
-            .unwrap();
-        (s, store)
-    };
+    let clock = idem::clock::ManualClock::new(now_ms());
+    let run_at = |config: idem::config::Config| run_ledger(config, Some(&clock));
     let (first, store) = run_at(config.clone());
     assert_eq!(
         (first.handled, first.duplicates, first.conflicts),

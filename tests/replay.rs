@@ -9,23 +9,16 @@ mod common;
 use common::*;
 use idem::clock::ManualClock;
 use idem::handler::ledger::{self, Ledger};
-use idem::pipeline::{RunSummary, StopWhen, Worker};
+use idem::pipeline::RunSummary;
 use idem::replay::{kcat, Position, Replay, ReplayOutcome, ReplayReport};
 use idem::workload::{produce_messages, Role, Workload, WorkloadSpec};
 use rdkafka::message::{Headers as _, Message as _};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 fn run_worker(config: idem::config::Config, clock: Option<ManualClock>) -> RunSummary {
-    let worker = match clock {
-        Some(c) => Worker::with_clock(config, Box::new(Ledger), Arc::new(c)).unwrap(),
-        None => Worker::new(config, Box::new(Ledger)).unwrap(),
-    };
-    worker
-        .run(Arc::new(AtomicBool::new(false)), StopWhen::CaughtUp)
-        .unwrap()
+    run_ledger(config, clock.as_ref()).0
 }
 
 /// Runs the `idem` binary with the test broker; returns (exit code, stdout).
@@ -386,11 +379,7 @@ fn apply_after_the_store_lost_its_newest_bucket_applies_exactly_the_missing_even
     let backup = dir.path().join("backup");
     let config = config(&topic, &group, &store);
     let hour = 3_600_000;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let clock = ManualClock::new(now / hour * hour);
+    let clock = ManualClock::new(now_ms() / hour * hour);
 
     // Hour 1: a first workload, then a backup of the store.
     let a = Workload::generate(&WorkloadSpec {

@@ -318,10 +318,10 @@ fn the_store_commands_read_a_store_that_is_open_for_writing_and_report_exactly()
     let store_dir = dir.path().join("store");
     // The clock stands now, so that the commands (on the system clock) see
     // the buckets as live.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = {
+        use idem::clock::Clock as _;
+        idem::clock::SystemClock.now_ms()
+    };
     let clock = ManualClock::new(now - 2 * HOUR);
     let store = open(&store_dir, &clock, StoreOptions::default());
     record(&store, 0..300);

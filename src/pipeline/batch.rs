@@ -12,15 +12,14 @@ use crate::config::BucketClock;
 use crate::dlq::{DeadLetter, DeadLetterKind, DeadLetters};
 use crate::handler::{Delivery, Handler, Verdict};
 use crate::key::Fingerprint;
-use crate::key::ScopedKeyHash;
-use crate::pipeline::decide::{Decider, Decision, Prepared};
+use crate::pipeline::decide::{Decider, Decision};
 use crate::pipeline::rebalance::TopicPartition;
 use crate::pipeline::stats::{BatchCounts, Counted};
 use crate::proto::{DedupRecord, RecordOutcome};
 use crate::store::{DedupStore, StoreBatch};
 use anyhow::Context as _;
 use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Decides outcomes and writes batches for one worker.
@@ -122,31 +121,25 @@ impl BatchProcessor {
         let mut next_offsets = BTreeMap::new();
 
         // Every key first, then one batched read per bucket for all of them.
-        let prepared: Vec<Prepared> = messages.iter().map(|m| self.decider.prepare(m)).collect();
-        let hashes: Vec<ScopedKeyHash> = prepared.iter().filter_map(Prepared::hash).collect();
-        let stored: HashMap<ScopedKeyHash, DedupRecord> = hashes
-            .iter()
-            .copied()
-            .zip(self.store.lookup_many(&hashes).with_context(|| {
+        let (prepared, stored) = self
+            .decider
+            .prepare_batch(messages, &self.store)
+            .with_context(|| {
                 format!(
                     "looking up the keys of a batch of {} messages",
                     messages.len()
                 )
-            })?)
-            .filter_map(|(h, r)| Some((h, r?)))
-            .collect();
+            })?;
 
         for (msg, prepared) in messages.iter().zip(prepared) {
             next_offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
-            let decision = match prepared {
-                Prepared::Final(d) => d,
-                Prepared::Keyed(fresh) => {
-                    let staged = batch.staged_record(&fresh.hash).cloned();
-                    let from_store = stored.get(&fresh.hash).cloned();
-                    self.decider
-                        .resolve(msg.topic(), fresh, staged, from_store, now)
-                }
-            };
+            let decision = self.decider.complete(
+                msg,
+                prepared,
+                |h| batch.staged_record(h).cloned(),
+                &stored,
+                now,
+            );
             let unkeyed = decision.unkeyed();
             if unkeyed {
                 counts.unkeyed += 1;
@@ -340,7 +333,7 @@ mod tests {
     use crate::config::Config;
     use crate::handler::ledger::Ledger;
     use crate::handler::HandlerTxn;
-    use crate::key::{IdempotencyKey, KeyRule};
+    use crate::key::{IdempotencyKey, KeyRule, ScopedKeyHash};
     use crate::payload::PayloadFormat;
     use crate::pipeline::decide::TopicRule;
     use crate::proto::PaymentEvent;

@@ -213,6 +213,45 @@ impl Decider {
         }
     }
 
+    /// Prepares every message of a batch and looks all their keys up in the
+    /// store together (one batched read per bucket).
+    pub fn prepare_batch(
+        &self,
+        messages: &[OwnedMessage],
+        store: &DedupStore,
+    ) -> Result<(Vec<Prepared>, StoredRecords), StoreError> {
+        let prepared: Vec<Prepared> = messages.iter().map(|m| self.prepare(m)).collect();
+        let hashes: Vec<ScopedKeyHash> = prepared.iter().filter_map(Prepared::hash).collect();
+        let found = store.lookup_many(&hashes)?;
+        let stored = hashes
+            .into_iter()
+            .zip(found)
+            .filter_map(|(h, r)| Some((h, r?)))
+            .collect();
+        Ok((prepared, StoredRecords(stored)))
+    }
+
+    /// The decision of a message prepared by [`Decider::prepare_batch`]:
+    /// against `staged` (records staged earlier in the caller's batch) first,
+    /// then against what the store held.
+    pub fn complete(
+        &self,
+        msg: &OwnedMessage,
+        prepared: Prepared,
+        staged: impl FnOnce(&ScopedKeyHash) -> Option<DedupRecord>,
+        stored: &StoredRecords,
+        now_ms: i64,
+    ) -> Decision {
+        match prepared {
+            Prepared::Final(d) => d,
+            Prepared::Keyed(fresh) => {
+                let staged = staged(&fresh.hash);
+                let from_store = stored.0.get(&fresh.hash).cloned();
+                self.resolve(msg.topic(), fresh, staged, from_store, now_ms)
+            }
+        }
+    }
+
     /// Decides one message at processing time `now_ms`: first against
     /// `staged` (records of the caller's batch not yet written), then against
     /// the store.
@@ -223,19 +262,20 @@ impl Decider {
         store: &DedupStore,
         now_ms: i64,
     ) -> Result<Decision, StoreError> {
-        match self.prepare(msg) {
-            Prepared::Final(d) => Ok(d),
-            Prepared::Keyed(fresh) => {
-                let staged = staged(&fresh.hash);
-                let stored = match staged {
-                    Some(_) => None,
-                    None => store.lookup(&fresh.hash)?,
-                };
-                Ok(self.resolve(msg.topic(), fresh, staged, stored, now_ms))
+        let prepared = self.prepare(msg);
+        let mut stored = StoredRecords::default();
+        if let Some(h) = prepared.hash() {
+            if let Some(r) = store.lookup(&h)? {
+                stored.0.insert(h, r);
             }
         }
+        Ok(self.complete(msg, prepared, staged, &stored, now_ms))
     }
 }
+
+/// What the store held for the keys of a batch, looked up together.
+#[derive(Debug, Default)]
+pub struct StoredRecords(HashMap<ScopedKeyHash, DedupRecord>);
 
 /// A message prepared for a decision: see [`Decider::prepare`].
 #[derive(Debug)]

@@ -19,7 +19,7 @@ pub mod rebalance;
 mod stats;
 
 pub use batch::{BatchProcessor, BatchResult, MessageOutcome};
-pub use decide::{Decider, Decision, Prepared, TopicRule};
+pub use decide::{Decider, Decision, Prepared, StoredRecords, TopicRule};
 pub use rebalance::{Assignment, IdemContext, TopicPartition};
 pub use stats::{BatchCounts, Counted, RunSummary, Stats};
 

@@ -38,7 +38,7 @@ use crate::dlq::DeadLetters;
 use crate::handler::Handler;
 use crate::kafka;
 use crate::key::ScopedKeyHash;
-use crate::pipeline::{BatchProcessor, Counted, Decision, Prepared};
+use crate::pipeline::{BatchProcessor, Counted, Decision};
 use crate::proto::{DedupRecord, RecordOutcome};
 use crate::store::{DedupStore, StoreOptions};
 use anyhow::Context as _;
@@ -250,25 +250,12 @@ impl Replay {
                 break;
             }
             let now = store.processing_time();
-            let prepared: Vec<Prepared> = batch.iter().map(|m| decider.prepare(m)).collect();
-            let hashes: Vec<ScopedKeyHash> = prepared.iter().filter_map(Prepared::hash).collect();
-            let found = store
-                .lookup_many(&hashes)
+            let (prepared, stored) = decider
+                .prepare_batch(&batch, &store)
                 .context("looking up the keys of a batch")?;
-            let stored: HashMap<ScopedKeyHash, DedupRecord> = hashes
-                .into_iter()
-                .zip(found)
-                .filter_map(|(h, r)| Some((h, r?)))
-                .collect();
             for (msg, prepared) in batch.iter().zip(prepared) {
-                let decision = match prepared {
-                    Prepared::Final(d) => d,
-                    Prepared::Keyed(fresh) => {
-                        let staged_record = staged.get(&fresh.hash).cloned();
-                        let from_store = stored.get(&fresh.hash).cloned();
-                        decider.resolve(msg.topic(), fresh, staged_record, from_store, now)
-                    }
-                };
+                let decision =
+                    decider.complete(msg, prepared, |h| staged.get(h).cloned(), &stored, now);
                 let outcome = outcome_of(&decision);
                 let example = example_of(msg, &decision);
                 let unkeyed = decision.unkeyed();

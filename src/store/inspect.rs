@@ -7,8 +7,8 @@
 //! every record.
 
 use super::{
-    parse_checkpoint_key, rocks, Bucket, DedupStore, StoreError, META_BUCKET, META_CF, META_SCHEMA,
-    META_WINDOW, OFFSETS_CF, SCHEMA_VERSION,
+    decode_record, parse_checkpoint_key, rocks, Bucket, DedupStore, StoreError, META_BUCKET,
+    META_CF, META_SCHEMA, META_WINDOW, OFFSETS_CF, SCHEMA_VERSION,
 };
 use crate::proto::{Checkpoint, DedupRecord};
 use prost::Message as _;
@@ -197,6 +197,13 @@ impl DedupStore {
             .map(|b| u64::from_be_bytes(b) as i64))
     }
 
+    /// The window an expiry run from outside the worker must use: never
+    /// shorter than the one the last worker ran with, so a command run
+    /// without the worker's configuration cannot drop live buckets.
+    pub fn expiry_window_ms(&self, configured_ms: i64) -> Result<i64, StoreError> {
+        Ok(self.recorded_window_ms()?.unwrap_or(0).max(configured_ms))
+    }
+
     /// True when `bucket` is past the window at `now_ms`: a lookup no longer
     /// consults it, even before it is dropped.
     pub fn is_expired(&self, bucket: &Bucket, now_ms: i64) -> bool {
@@ -218,7 +225,19 @@ impl DedupStore {
         &self,
         key: &crate::key::ScopedKeyHash,
     ) -> Result<Option<(Bucket, DedupRecord)>, StoreError> {
-        self.find_record(key, None)
+        for bucket in self.live_buckets() {
+            let Some(cf) = self.db.cf_handle(&bucket.name()) else {
+                continue;
+            };
+            let found = self
+                .db
+                .get_pinned_cf(&cf, key.0)
+                .map_err(rocks("look up a key"))?;
+            if let Some(bytes) = found {
+                return Ok(Some((bucket, decode_record(&bytes)?)));
+            }
+        }
+        Ok(None)
     }
 
     /// Reads everything: metadata, every record of every bucket, every
@@ -227,49 +246,32 @@ impl DedupStore {
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
         let meta = self.cf(META_CF)?;
-        let read = |k: &[u8]| -> Result<Option<Vec<u8>>, StoreError> {
-            match self.db.get_cf(&meta, k) {
-                Ok(v) => Ok(v),
-                Err(e) => {
-                    // Unreadable metadata is a problem to list, not a stop.
-                    Err(StoreError::Corrupt {
-                        what: "metadata",
-                        detail: e.to_string(),
-                    })
-                }
-            }
+        // A metadata value as u64; what is missing, unreadable or malformed
+        // is a problem to list, not a stop.
+        let mut meta_u64 = |k: &[u8], label: &str| -> Option<u64> {
+            let problem = match self.db.get_cf(&meta, k) {
+                Err(e) => format!("meta: {label} cannot be read: {e}"),
+                Ok(None) => format!("meta: no {label}"),
+                Ok(Some(v)) => match <[u8; 8]>::try_from(v.as_slice()) {
+                    Ok(b) => return Some(u64::from_be_bytes(b)),
+                    Err(_) => format!("meta: {label} is {} bytes, not 8", v.len()),
+                },
+            };
+            report.problems.push(problem);
+            None
         };
-        let schema = read(META_SCHEMA);
-        let width = read(META_BUCKET);
-        for r in [&schema, &width] {
-            if let Err(e) = r {
-                report.problems.push(format!("meta: {e}"));
-            }
+        let schema = meta_u64(META_SCHEMA, "schema version");
+        let width = meta_u64(META_BUCKET, "bucket width");
+        if let Some(v) = schema.filter(|v| *v != SCHEMA_VERSION) {
+            report.problems.push(format!(
+                "meta: schema version {v}, this idem reads {SCHEMA_VERSION}"
+            ));
         }
-        match schema.unwrap_or(Some(SCHEMA_VERSION.to_be_bytes().to_vec())) {
-            None => report.problems.push("meta: no schema version".into()),
-            Some(v) => match <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes) {
-                Ok(SCHEMA_VERSION) => {}
-                Ok(other) => report.problems.push(format!(
-                    "meta: schema version {other}, this idem reads {SCHEMA_VERSION}"
-                )),
-                Err(_) => report
-                    .problems
-                    .push(format!("meta: schema version is {} bytes, not 8", v.len())),
-            },
-        }
-        match width.unwrap_or(Some((self.opts.bucket_secs as u64).to_be_bytes().to_vec())) {
-            None => report.problems.push("meta: no bucket width".into()),
-            Some(v) => match <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes) {
-                Ok(w) if w as i64 == self.opts.bucket_secs && w > 0 => {}
-                Ok(w) => report.problems.push(format!(
-                    "meta: bucket width {w}s differs from the width in use ({}s)",
-                    self.opts.bucket_secs
-                )),
-                Err(_) => report
-                    .problems
-                    .push(format!("meta: bucket width is {} bytes, not 8", v.len())),
-            },
+        if let Some(w) = width.filter(|w| *w as i64 != self.opts.bucket_secs) {
+            report.problems.push(format!(
+                "meta: bucket width {w}s differs from the width in use ({}s)",
+                self.opts.bucket_secs
+            ));
         }
         drop(meta);
         for b in self.live_buckets() {

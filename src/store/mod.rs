@@ -475,11 +475,7 @@ impl DedupStore {
     /// consulted, so whether a key is remembered depends only on the window,
     /// never on when the expiry timer last ran.
     pub fn lookup(&self, key: &ScopedKeyHash) -> Result<Option<DedupRecord>, StoreError> {
-        let now = self
-            .clock
-            .now_ms()
-            .max(self.high_water_ms.load(Ordering::SeqCst));
-        Ok(self.find_record(key, Some(now))?.map(|(_, r)| r))
+        Ok(self.lookup_many(std::slice::from_ref(key))?.pop().flatten())
     }
 
     /// The records of many keys at once, in the order given, with the same
@@ -503,6 +499,8 @@ impl DedupStore {
             if bucket.expires_at_ms(self.opts.window_ms) <= now {
                 continue;
             }
+            // A bucket dropped since the list was taken has no handle: skip
+            // it. A handle taken keeps the column family alive for this read.
             let Some(cf) = self.db.cf_handle(&bucket.name()) else {
                 continue;
             };
@@ -512,52 +510,13 @@ impl DedupStore {
             let mut still = Vec::with_capacity(pending.len());
             for (&i, r) in pending.iter().zip(results) {
                 match r.map_err(rocks("look up keys"))? {
-                    Some(bytes) => {
-                        let rec = DedupRecord::decode(bytes.as_ref()).map_err(|e| {
-                            StoreError::Corrupt {
-                                what: "dedup record",
-                                detail: e.to_string(),
-                            }
-                        })?;
-                        found[i] = Some(rec);
-                    }
+                    Some(bytes) => found[i] = Some(decode_record(&bytes)?),
                     None => still.push(i),
                 }
             }
             pending = still;
         }
         Ok(found)
-    }
-
-    /// The record of `key` and its bucket, newest bucket first, skipping
-    /// buckets expired at `not_expired_at` when given.
-    fn find_record(
-        &self,
-        key: &ScopedKeyHash,
-        not_expired_at: Option<i64>,
-    ) -> Result<Option<(Bucket, DedupRecord)>, StoreError> {
-        for bucket in self.live_buckets() {
-            if not_expired_at.is_some_and(|now| bucket.expires_at_ms(self.opts.window_ms) <= now) {
-                continue;
-            }
-            // A bucket dropped since the list was taken has no handle: skip it.
-            // A handle taken keeps the column family alive for this read.
-            let Some(cf) = self.db.cf_handle(&bucket.name()) else {
-                continue;
-            };
-            let found = self
-                .db
-                .get_pinned_cf(&cf, key.0)
-                .map_err(rocks("look up a key"))?;
-            if let Some(bytes) = found {
-                let rec = DedupRecord::decode(bytes.as_ref()).map_err(|e| StoreError::Corrupt {
-                    what: "dedup record",
-                    detail: e.to_string(),
-                })?;
-                return Ok(Some((bucket, rec)));
-            }
-        }
-        Ok(None)
     }
 
     /// The next offset to process for a partition, if one was checkpointed.
@@ -706,6 +665,14 @@ impl DedupStore {
         }
         Ok(dropped)
     }
+}
+
+/// A stored dedup record.
+fn decode_record(bytes: &[u8]) -> Result<DedupRecord, StoreError> {
+    DedupRecord::decode(bytes).map_err(|e| StoreError::Corrupt {
+        what: "dedup record",
+        detail: e.to_string(),
+    })
 }
 
 /// Checkpoint key: topic bytes, a zero byte, the partition big-endian.

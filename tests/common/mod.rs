@@ -4,7 +4,11 @@
 //! truth (committed offsets, log-end offsets, dead letters).
 #![allow(dead_code)]
 
+use idem::clock::{Clock as _, ManualClock, SystemClock};
 use idem::config::Config;
+use idem::handler::ledger::Ledger;
+use idem::pipeline::{RunSummary, StopWhen, Worker};
+use idem::store::DedupStore;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -12,7 +16,9 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, Message};
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub fn brokers() -> String {
@@ -190,4 +196,23 @@ pub fn parse_summary(stdout: &str) -> serde_json::Value {
         .find(|l| l.starts_with("{\"summary\""))
         .unwrap_or_else(|| panic!("no summary line in child output:\n{stdout}"));
     serde_json::from_str::<serde_json::Value>(line).unwrap()["summary"].clone()
+}
+
+/// Runs a ledger worker until it has caught up (on `clock` when given) and
+/// returns its counters and its store.
+pub fn run_ledger(config: Config, clock: Option<&ManualClock>) -> (RunSummary, Arc<DedupStore>) {
+    let worker = match clock {
+        Some(c) => Worker::with_clock(config, Box::new(Ledger), Arc::new(c.clone())).unwrap(),
+        None => Worker::new(config, Box::new(Ledger)).unwrap(),
+    };
+    let store = worker.store();
+    let summary = worker
+        .run(Arc::new(AtomicBool::new(false)), StopWhen::CaughtUp)
+        .unwrap();
+    (summary, store)
+}
+
+/// The wall clock now, Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemClock.now_ms()
 }
