@@ -37,6 +37,7 @@ fn rec(i: u64, now: i64) -> DedupRecord {
         source_offset: i as i64,
         outcome: 1,
         refreshed_ms: 0,
+        response: None,
     }
 }
 

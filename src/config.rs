@@ -18,6 +18,116 @@ pub enum HandlerKind {
     /// The built-in payment ledger in the same RocksDB.
     #[default]
     Ledger,
+    /// POST each new message to the application (`[http]`).
+    Http,
+}
+
+/// What happens to a message whose retries are used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    /// Hold the partition at the message and keep retrying at the longest
+    /// delay, with an error log per attempt and the degraded gauge up: for
+    /// payments, never skip.
+    #[default]
+    Pause,
+    /// Dead-letter it (kind `retries_exhausted`, no dedup record, so a
+    /// re-drive is handled) and go on.
+    DeadLetter,
+}
+
+/// What the payload's `Content-Type` is sent as.
+pub const CONTENT_TYPE_AUTO: &str = "auto";
+
+/// The application behind the sidecar (`[http]`, with `handler = "http"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where each new message is POSTed (`http://` only: the application is
+    /// beside the sidecar).
+    pub url: String,
+    /// Longest wait for a connection, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for a whole response, milliseconds; a call that takes
+    /// longer is retried (same idempotency key).
+    pub request_timeout_ms: u64,
+    /// How long an idle pooled connection is kept, milliseconds.
+    pub pool_idle_timeout_ms: u64,
+    /// Idle connections kept to the application.
+    pub pool_max_idle: usize,
+    /// Partitions of one batch called at the same time.
+    pub max_in_flight: usize,
+    /// `auto` (from the payload format: JSON, protobuf or octet-stream) or a
+    /// fixed media type.
+    pub content_type: String,
+    /// Prefix of the request headers that carry the message's Kafka headers.
+    pub header_prefix: String,
+    /// Bytes of each successful response body kept with its record (for the
+    /// reply topic); 0 keeps none (status and digest are always kept).
+    pub keep_response_bytes: usize,
+    /// Topic the application's responses are produced to, and the stored
+    /// response again for each duplicate; empty: no replies.
+    pub reply_topic: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8080/events".into(),
+            connect_timeout_ms: 2_000,
+            request_timeout_ms: 10_000,
+            pool_idle_timeout_ms: 90_000,
+            pool_max_idle: 32,
+            max_in_flight: 16,
+            content_type: CONTENT_TYPE_AUTO.into(),
+            header_prefix: "Kafka-Header-".into(),
+            keep_response_bytes: 65_536,
+            reply_topic: String::new(),
+        }
+    }
+}
+
+/// How a message that could not be finished is tried again (`[retry]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Delay before the first retry, milliseconds (exponential, full jitter).
+    pub initial_delay_ms: u64,
+    /// Longest delay between two attempts, milliseconds; also caps a
+    /// `Retry-After`.
+    pub max_delay_ms: u64,
+    /// Attempts before `on_exhausted` applies (the first call included).
+    pub max_attempts: u32,
+    /// `pause` or `dead_letter`.
+    pub on_exhausted: OnExhausted,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial_delay_ms: 200,
+            max_delay_ms: 30_000,
+            max_attempts: 10,
+            on_exhausted: OnExhausted::Pause,
+        }
+    }
+}
+
+/// The operations endpoint (`[metrics]`): Prometheus `/metrics`, `/healthz`
+/// and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to listen on; empty disables the endpoint.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
 /// Where a newly assigned partition starts.
@@ -158,8 +268,16 @@ pub struct Config {
     pub topic_rules: BTreeMap<String, TopicRules>,
     /// Named scopes with their own (shorter) windows.
     pub scopes: BTreeMap<String, ScopeConfig>,
-    /// librdkafka properties passed through (security, tuning).
+    /// librdkafka properties passed through (security, tuning). A value
+    /// `${env:NAME}` or `${file:/path}` is read from the environment or a
+    /// file when the worker starts, so secrets stay out of the config.
     pub kafka: BTreeMap<String, toml::Value>,
+    /// The application, with `handler = "http"`.
+    pub http: HttpConfig,
+    /// Retries of messages that could not be finished.
+    pub retry: RetryConfig,
+    /// The operations endpoint.
+    pub metrics: MetricsConfig,
     /// Things worth a warning at start-up that are not errors (an `IDEM_*`
     /// variable that sets nothing, a scope no topic uses).
     #[serde(skip)]
@@ -196,6 +314,9 @@ impl Default for Config {
             topic_rules: BTreeMap::new(),
             scopes: BTreeMap::new(),
             kafka: BTreeMap::new(),
+            http: HttpConfig::default(),
+            retry: RetryConfig::default(),
+            metrics: MetricsConfig::default(),
             warnings: Vec::new(),
         }
     }
@@ -234,6 +355,35 @@ const ENV_FIELDS: &[(&str, Kind)] = &[
     ("resume_from", Kind::Str),
     ("shutdown_timeout_secs", Kind::Int),
     ("log_format", Kind::Str),
+];
+
+/// Sections whose fields `IDEM_<SECTION>__<FIELD>` variables may override.
+const ENV_SECTIONS: &[(&str, &[(&str, Kind)])] = &[
+    (
+        "http",
+        &[
+            ("url", Kind::Str),
+            ("connect_timeout_ms", Kind::Int),
+            ("request_timeout_ms", Kind::Int),
+            ("pool_idle_timeout_ms", Kind::Int),
+            ("pool_max_idle", Kind::Int),
+            ("max_in_flight", Kind::Int),
+            ("content_type", Kind::Str),
+            ("header_prefix", Kind::Str),
+            ("keep_response_bytes", Kind::Int),
+            ("reply_topic", Kind::Str),
+        ],
+    ),
+    (
+        "retry",
+        &[
+            ("initial_delay_ms", Kind::Int),
+            ("max_delay_ms", Kind::Int),
+            ("max_attempts", Kind::Int),
+            ("on_exhausted", Kind::Str),
+        ],
+    ),
+    ("metrics", &[("listen", Kind::Str)]),
 ];
 
 /// librdkafka properties idem sets itself; setting them in `[kafka]` would
@@ -333,16 +483,17 @@ impl Config {
         self.dead_letter_topic.replace("{topic}", topic)
     }
 
-    /// The `[kafka]` passthrough as librdkafka strings.
-    pub fn kafka_properties(&self) -> Vec<(String, String)> {
+    /// The `[kafka]` passthrough as librdkafka strings, with `${env:NAME}`
+    /// and `${file:/path}` values read in.
+    pub fn kafka_properties(&self) -> anyhow::Result<Vec<(String, String)>> {
         self.kafka
             .iter()
             .map(|(k, v)| {
                 let v = match v {
-                    toml::Value::String(s) => s.clone(),
+                    toml::Value::String(s) => resolve_secret(k, s)?,
                     other => other.to_string(),
                 };
-                (k.clone(), v)
+                Ok((k.clone(), v))
             })
             .collect()
     }
@@ -461,9 +612,138 @@ impl Config {
             if matches!(value, toml::Value::Array(_) | toml::Value::Table(_)) {
                 bail!("`kafka.\"{key}\"` must be a string, number or boolean");
             }
+            if let toml::Value::String(s) = value {
+                resolve_secret(key, s)?;
+            }
+        }
+        self.validate_http()?;
+        self.validate_retry()?;
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            bail!(
+                "`metrics.listen` must be host:port with a numeric host such as \"127.0.0.1:9464\" (or empty to disable), got {:?}",
+                self.metrics.listen
+            );
         }
         Ok(())
     }
+
+    fn validate_http(&self) -> anyhow::Result<()> {
+        let h = &self.http;
+        if self.handler == HandlerKind::Http {
+            let rest = h.url.strip_prefix("http://").with_context(|| {
+                format!(
+                    "`http.url` must be an http:// URL such as \"http://127.0.0.1:8080/events\", got {:?}",
+                    h.url
+                )
+            })?;
+            if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
+                bail!("`http.url` must name a host: \"http://host:port/path\", got {:?}", h.url);
+            }
+        }
+        for (name, v, lo, hi) in [
+            ("connect_timeout_ms", h.connect_timeout_ms, 1, 600_000),
+            ("request_timeout_ms", h.request_timeout_ms, 1, 3_600_000),
+            ("pool_idle_timeout_ms", h.pool_idle_timeout_ms, 0, 3_600_000),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                bail!("`http.{name}` must be between {lo} and {hi}, got {v}");
+            }
+        }
+        if !(1..=1024).contains(&h.max_in_flight) {
+            bail!(
+                "`http.max_in_flight` must be between 1 and 1024, got {}",
+                h.max_in_flight
+            );
+        }
+        if h.pool_max_idle > 4096 {
+            bail!(
+                "`http.pool_max_idle` must be between 0 and 4096, got {}",
+                h.pool_max_idle
+            );
+        }
+        if h.keep_response_bytes > 16 << 20 {
+            bail!(
+                "`http.keep_response_bytes` must be between 0 and 16777216, got {}",
+                h.keep_response_bytes
+            );
+        }
+        if h.content_type != CONTENT_TYPE_AUTO
+            && reqwest::header::HeaderValue::from_str(&h.content_type).is_err()
+        {
+            bail!(
+                "`http.content_type` must be \"auto\" or a media type such as \"application/json\", got {:?}",
+                h.content_type
+            );
+        }
+        if reqwest::header::HeaderName::from_bytes(format!("{}x", h.header_prefix).as_bytes())
+            .is_err()
+        {
+            bail!(
+                "`http.header_prefix` must be letters, digits and - (a header name prefix such as \"Kafka-Header-\"), got {:?}",
+                h.header_prefix
+            );
+        }
+        if !h.reply_topic.is_empty() {
+            validate_topic_name("http.reply_topic", &h.reply_topic)?;
+            if self.handler != HandlerKind::Http {
+                bail!("`http.reply_topic` needs `handler = \"http\"`: replies are the application's responses");
+            }
+            if self.topics.contains(&h.reply_topic) {
+                bail!(
+                    "`http.reply_topic` must differ from the source topics, got {:?}",
+                    h.reply_topic
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_retry(&self) -> anyhow::Result<()> {
+        let r = &self.retry;
+        if !(1..=3_600_000).contains(&r.initial_delay_ms) {
+            bail!(
+                "`retry.initial_delay_ms` must be between 1 and 3600000, got {}",
+                r.initial_delay_ms
+            );
+        }
+        if r.max_delay_ms < r.initial_delay_ms || r.max_delay_ms > 3_600_000 {
+            bail!(
+                "`retry.max_delay_ms` must be between `retry.initial_delay_ms` ({}) and 3600000, got {}",
+                r.initial_delay_ms,
+                r.max_delay_ms
+            );
+        }
+        if !(1..=1_000_000).contains(&r.max_attempts) {
+            bail!(
+                "`retry.max_attempts` must be between 1 and 1000000, got {}",
+                r.max_attempts
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Reads a `${env:NAME}` or `${file:/path}` value of `[kafka]`; any other
+/// value is returned as it is. The error names the property, never the
+/// secret.
+fn resolve_secret(key: &str, value: &str) -> anyhow::Result<String> {
+    let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else {
+        return Ok(value.to_string());
+    };
+    if let Some(name) = inner.strip_prefix("env:") {
+        return std::env::var(name).with_context(|| {
+            format!("`kafka.\"{key}\"` = \"${{env:{name}}}\": the environment variable {name} is not set (or not UTF-8)")
+        });
+    }
+    if let Some(path) = inner.strip_prefix("file:") {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("`kafka.\"{key}\"` = \"${{file:{path}}}\": cannot read the file")
+        })?;
+        return Ok(text.trim_end_matches(['\n', '\r']).to_string());
+    }
+    bail!("`kafka.\"{key}\"`: a value in ${{..}} must be ${{env:NAME}} or ${{file:/path}}")
 }
 
 fn validate_key_field(name: &str, field: &str) -> anyhow::Result<()> {
@@ -514,6 +794,27 @@ fn apply_env(
             kafka.insert(prop, toml::Value::String(raw));
             continue;
         }
+        if let Some((section, field)) = rest.to_ascii_lowercase().split_once("__") {
+            let known = ENV_SECTIONS
+                .iter()
+                .find(|(s, _)| *s == section)
+                .and_then(|(_, fields)| fields.iter().find(|(f, _)| *f == field));
+            let Some((_, kind)) = known else {
+                if !FOREIGN_ENV.iter().any(|p| name.starts_with(p)) {
+                    unknown.push(name);
+                }
+                continue;
+            };
+            let value = env_value(&name, field, *kind, raw)?;
+            let entry = table
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(t) = entry else {
+                bail!("`{section}` in the config file must be a table");
+            };
+            t.insert(field.to_string(), value);
+            continue;
+        }
         let field = rest.to_ascii_lowercase();
         let Some((_, kind)) = ENV_FIELDS.iter().find(|(f, _)| *f == field) else {
             if !FOREIGN_ENV.iter().any(|p| name.starts_with(p)) {
@@ -521,35 +822,38 @@ fn apply_env(
             }
             continue;
         };
-        let value = match kind {
-            Kind::Str => toml::Value::String(raw),
-            Kind::Int => toml::Value::Integer(
-                raw.trim()
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| *n >= 0)
-                    .with_context(|| {
-                        format!(
-                            "{name}: `{field}` must be a whole number of at least 0, got {raw:?}"
-                        )
-                    })?,
-            ),
-            Kind::Bool => toml::Value::Boolean(match raw.trim() {
-                "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
-                _ => bail!("{name}: `{field}` must be true or false, got {raw:?}"),
-            }),
-            Kind::List => toml::Value::Array(
-                raw.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| toml::Value::String(s.to_string()))
-                    .collect(),
-            ),
-        };
+        let value = env_value(&name, &field, *kind, raw)?;
         table.insert(field, value);
     }
     Ok(unknown)
+}
+
+/// The TOML value of environment variable `name` for `field`.
+fn env_value(name: &str, field: &str, kind: Kind, raw: String) -> anyhow::Result<toml::Value> {
+    Ok(match kind {
+        Kind::Str => toml::Value::String(raw),
+        Kind::Int => toml::Value::Integer(
+            raw.trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .with_context(|| {
+                    format!("{name}: `{field}` must be a whole number of at least 0, got {raw:?}")
+                })?,
+        ),
+        Kind::Bool => toml::Value::Boolean(match raw.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => bail!("{name}: `{field}` must be true or false, got {raw:?}"),
+        }),
+        Kind::List => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -585,7 +889,7 @@ mod tests {
         assert_eq!(c.batch_size, 20);
         assert_eq!(c.topics, vec!["x", "y"]);
         assert_eq!(
-            c.kafka_properties(),
+            c.kafka_properties().unwrap(),
             vec![
                 ("fetch.min.bytes".to_string(), "1".to_string()),
                 ("sasl.password".to_string(), "s3cret".to_string())

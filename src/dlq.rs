@@ -7,6 +7,9 @@
 //! the acknowledgement and the store write can produce a letter twice, never
 //! zero times. Each letter carries the original key, payload and headers plus
 //! `idem-reason`, `idem-kind` and `idem-source-topic/partition/offset`.
+//!
+//! The same producer writes the reply topic ([`crate::reply`]), with the
+//! same acknowledgement rule.
 
 use crate::config::Config;
 use crate::kafka::producer_config;
@@ -29,6 +32,9 @@ pub enum DeadLetterKind {
     Conflict,
     /// The handler refused the message.
     Rejected,
+    /// The handler could not finish it within the retry policy's attempts
+    /// (`on_exhausted = "dead_letter"`).
+    RetriesExhausted,
 }
 
 impl DeadLetterKind {
@@ -40,6 +46,7 @@ impl DeadLetterKind {
             Self::BadKey => "bad_key",
             Self::Conflict => "conflict",
             Self::Rejected => "rejected",
+            Self::RetriesExhausted => "retries_exhausted",
         }
     }
 }
@@ -77,7 +84,7 @@ pub struct DeadLetters {
 impl DeadLetters {
     /// Builds the producer from the worker configuration.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let producer = producer_config(config)
+        let producer = producer_config(config)?
             .create()
             .context("creating the dead-letter producer")?;
         Ok(Self { producer })
@@ -85,73 +92,95 @@ impl DeadLetters {
 
     /// Produces every letter and waits for all acknowledgements.
     pub fn send_all(&self, letters: &[DeadLetter]) -> anyhow::Result<()> {
-        let mut pending = Vec::with_capacity(letters.len());
-        for l in letters {
-            let mut headers = OwnedHeaders::new_with_capacity(l.headers.len() + 5 + l.extra.len());
-            for (name, value) in &l.headers {
+        let records: Vec<Outgoing<'_>> = letters
+            .iter()
+            .map(|l| {
+                let mut headers: Vec<(&str, Option<Vec<u8>>)> = l
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.clone()))
+                    .collect();
+                let fixed = [
+                    ("idem-reason", l.reason.clone()),
+                    ("idem-kind", l.kind.as_str().to_string()),
+                    ("idem-source-topic", l.source_topic.clone()),
+                    ("idem-source-partition", l.source_partition.to_string()),
+                    ("idem-source-offset", l.source_offset.to_string()),
+                ];
+                headers.extend(
+                    fixed
+                        .into_iter()
+                        .chain(l.extra.iter().map(|(k, v)| (*k, v.clone())))
+                        .map(|(k, v)| (k, Some(v.into_bytes()))),
+                );
+                Outgoing {
+                    topic: &l.topic,
+                    key: l.key.as_deref(),
+                    payload: l.payload.as_deref(),
+                    headers,
+                    what: format!(
+                        "the dead letter of {}/{}@{}",
+                        l.source_topic, l.source_partition, l.source_offset
+                    ),
+                }
+            })
+            .collect();
+        self.send(records)
+    }
+
+    /// Produces every reply and waits for all acknowledgements.
+    pub fn send_replies(&self, replies: &[crate::reply::Reply]) -> anyhow::Result<()> {
+        self.send(replies.iter().map(crate::reply::Reply::outgoing).collect())
+    }
+
+    fn send(&self, records: Vec<Outgoing<'_>>) -> anyhow::Result<()> {
+        let mut pending = Vec::with_capacity(records.len());
+        for r in &records {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (name, value) in &r.headers {
                 headers = headers.insert(Header {
                     key: name,
                     value: value.as_deref(),
                 });
             }
-            let partition = l.source_partition.to_string();
-            let offset = l.source_offset.to_string();
-            let fixed = [
-                ("idem-reason", l.reason.as_str()),
-                ("idem-kind", l.kind.as_str()),
-                ("idem-source-topic", l.source_topic.as_str()),
-                ("idem-source-partition", partition.as_str()),
-                ("idem-source-offset", offset.as_str()),
-            ];
-            for (k, v) in fixed
-                .into_iter()
-                .chain(l.extra.iter().map(|(k, v)| (*k, v.as_str())))
-            {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
             let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&l.topic).headers(headers);
-            if let Some(k) = &l.key {
-                record = record.key(k.as_slice());
+                FutureRecord::to(r.topic).headers(headers);
+            if let Some(k) = r.key {
+                record = record.key(k);
             }
-            if let Some(p) = &l.payload {
-                record = record.payload(p.as_slice());
+            if let Some(p) = r.payload {
+                record = record.payload(p);
             }
             loop {
                 match self.producer.send_result(record) {
                     Ok(fut) => {
-                        pending.push((l, fut));
+                        pending.push((r, fut));
                         break;
                     }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
                         std::thread::sleep(Duration::from_millis(5));
                     }
-                    Err((e, _)) => {
-                        return Err(e).with_context(|| {
-                            format!(
-                                "queueing a dead letter for {}/{}@{}",
-                                l.source_topic, l.source_partition, l.source_offset
-                            )
-                        })
-                    }
+                    Err((e, _)) => return Err(e).with_context(|| format!("queueing {}", r.what)),
                 }
             }
         }
-        for (l, fut) in pending {
-            let delivered = futures::executor::block_on(fut).map_err(|_| {
-                anyhow::anyhow!("dead-letter producer was dropped before acknowledging")
-            })?;
-            delivered.map_err(|(e, _)| e).with_context(|| {
-                format!(
-                    "writing the dead letter of {}/{}@{} to {}",
-                    l.source_topic, l.source_partition, l.source_offset, l.topic
-                )
-            })?;
+        for (r, fut) in pending {
+            let delivered = futures::executor::block_on(fut)
+                .map_err(|_| anyhow::anyhow!("the producer was dropped before acknowledging"))?;
+            delivered
+                .map_err(|(e, _)| e)
+                .with_context(|| format!("writing {} to {}", r.what, r.topic))?;
         }
         Ok(())
     }
+}
+
+/// One record on its way to a topic, with what it is for the error message.
+pub(crate) struct Outgoing<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub headers: Vec<(&'a str, Option<Vec<u8>>)>,
+    pub what: String,
 }

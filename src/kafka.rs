@@ -17,36 +17,37 @@ use std::time::Duration;
 /// Timeout of metadata and admin requests at start-up.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A client configuration with the brokers and the `[kafka]` passthrough.
-pub fn base_config(config: &Config) -> ClientConfig {
+/// A client configuration with the brokers and the `[kafka]` passthrough
+/// (secrets read in from the environment or files).
+pub fn base_config(config: &Config) -> anyhow::Result<ClientConfig> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers);
     c.set("client.id", "idem");
-    for (k, v) in config.kafka_properties() {
+    for (k, v) in config.kafka_properties()? {
         c.set(k, v);
     }
-    c
+    Ok(c)
 }
 
 /// The consumer configuration of the worker's group.
-pub fn consumer_config(config: &Config) -> ClientConfig {
-    let mut c = base_config(config);
+pub fn consumer_config(config: &Config) -> anyhow::Result<ClientConfig> {
+    let mut c = base_config(config)?;
     c.set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &config.auto_offset_reset)
         .set("enable.partition.eof", "false");
-    c
+    Ok(c)
 }
 
 /// The configuration of the dead-letter producer: idempotent, acks from all
 /// in-sync replicas, so an acknowledged dead letter is durable.
-pub fn producer_config(config: &Config) -> ClientConfig {
-    let mut c = base_config(config);
+pub fn producer_config(config: &Config) -> anyhow::Result<ClientConfig> {
+    let mut c = base_config(config)?;
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5");
-    c
+    Ok(c)
 }
 
 /// Number of partitions of `topic`, from broker metadata.
@@ -78,7 +79,7 @@ pub fn ensure_topic<C: ConsumerContext>(
     if partition_count(consumer, topic).is_ok_and(|n| n > 0) {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = base_config(config)
+    let admin: AdminClient<DefaultClientContext> = base_config(config)?
         .create()
         .context("creating the Kafka admin client")?;
     let new = NewTopic::new(topic, partitions.max(1) as i32, TopicReplication::Fixed(1));
@@ -92,4 +93,30 @@ pub fn ensure_topic<C: ConsumerContext>(
         }
     }
     Ok(())
+}
+
+/// The low and high watermarks librdkafka last saw in fetch responses for a
+/// partition, without asking the broker (so a broker that is down cannot
+/// stall the caller); `None` before the first fetch.
+pub fn cached_watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` is borrowed, the
+    // topic is a NUL-terminated string that outlives the call, and the out
+    // pointers are locals. librdkafka only reads its own cached state.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((low, high))
 }

@@ -20,6 +20,7 @@ pub mod payload;
 pub mod pipeline;
 pub mod proto;
 pub mod replay;
+pub mod reply;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

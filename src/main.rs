@@ -7,6 +7,7 @@ use idem::pipeline::{StopWhen, Worker};
 use idem::replay::{Position, Replay};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -281,7 +282,15 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("{w}");
     }
     let deadline = Duration::from_secs(config.shutdown_timeout_secs);
-    let worker = Worker::new(config, Box::new(idem::handler::ledger::Ledger))?;
+    let handler = idem::handler::for_config(&config)?;
+    let listen = config.metrics.listen.clone();
+    let worker = Worker::with_handler(config, handler, Arc::new(idem::clock::SystemClock))?;
+    if !listen.is_empty() {
+        let addr = listen
+            .parse()
+            .with_context(|| format!("`metrics.listen` {listen:?} is not host:port"))?;
+        idem::telemetry::server::serve(addr, worker.health())?;
+    }
     let stats = worker.stats();
     let stop = if args.until_caught_up {
         StopWhen::CaughtUp

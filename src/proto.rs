@@ -13,4 +13,4 @@ pub mod store {
 }
 
 pub use payment::{PaymentEvent, PaymentKind};
-pub use store::{Checkpoint, DedupRecord, Outcome as RecordOutcome};
+pub use store::{Checkpoint, DedupRecord, Outcome as RecordOutcome, StoredResponse};

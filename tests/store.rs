@@ -38,6 +38,7 @@ fn record(store: &DedupStore, keys: impl IntoIterator<Item = u64>) {
                 source_offset: i as i64,
                 outcome: 1,
                 refreshed_ms: 0,
+                response: None,
             },
         );
     }
@@ -376,6 +377,7 @@ fn the_store_commands_read_a_store_that_is_open_for_writing_and_report_exactly()
         source_offset: 9,
         outcome: 1,
         refreshed_ms: 0,
+        response: None,
     };
     b.record(key(9_999), store.bucket_for(now), bad);
     store.commit(b).unwrap();

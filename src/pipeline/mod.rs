@@ -1,40 +1,50 @@
-//! The consumer loop: poll, batch, decide, write, commit.
+//! The consumer loop: poll, batch, decide, handle, write, commit.
 //!
 //! Guarantees (DESIGN.md invariants 1, 2 and 5):
-//! - An offset is committed to Kafka only after every message at or below it in
+//! - An offset is committed to Kafka only after every message below it in
 //!   its partition has a final outcome recorded in a synced RocksDB write (and
 //!   its dead letter, if any, acknowledged by the broker).
 //! - Every batch is written and committed before the next `poll`, so a
 //!   rebalance (served inside `poll`) never finds handled-but-uncommitted work.
+//! - A message that could not be finished holds its partition at its offset:
+//!   the partition is paused in the consumer, the messages already fetched
+//!   for it wait in memory (in order), and it is tried again when its retry
+//!   delay has passed. The other partitions keep flowing and the consumer
+//!   keeps polling, so the group membership is kept.
 //! - A commit that fails is retried with the next batch; the store's
 //!   checkpoint already holds the position, so a crash before the retry only
 //!   costs a re-read of messages that then resolve as duplicates.
 //!
-//! Limits: batches are processed one at a time across all partitions of the
-//! worker; a slow handler therefore slows every partition of this worker.
+//! Limits: batches are processed one at a time; within a batch a remote
+//! handler is called for several partitions at once, but the next batch
+//! waits for the slowest call of this one (at most `http.request_timeout_ms`
+//! after a lane's time budget).
 
 mod batch;
 pub mod decide;
 pub mod rebalance;
+pub mod retry;
 mod stats;
 
-pub use batch::{BatchProcessor, BatchResult, MessageOutcome};
+pub use batch::{BatchProcessor, BatchResult, Deferral, MessageOutcome};
 pub use decide::{Decider, Decision, Prepared, StoredRecords, TopicRule};
 pub use rebalance::{Assignment, IdemContext, TopicPartition};
+pub use retry::RetryPolicy;
 pub use stats::{BatchCounts, Counted, RunSummary, Stats};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::dlq::DeadLetters;
-use crate::handler::Handler;
+use crate::handler::{AnyHandler, Handler};
 use crate::kafka;
 use crate::store::{DedupStore, StoreOptions};
+use crate::telemetry::metrics as m;
+use crate::telemetry::server::Health;
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message as _;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,6 +57,8 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 const MAX_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
 /// How often an idle worker checks whether it has caught up.
 const CAUGHT_UP_CHECK: Duration = Duration::from_millis(500);
+/// How often the lag and store gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// When the loop stops by itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,8 +75,9 @@ pub enum StopWhen {
 pub struct Worker {
     config: Config,
     store: Arc<DedupStore>,
-    handler: Box<dyn Handler>,
+    handler: AnyHandler,
     stats: Arc<Stats>,
+    health: Arc<Health>,
 }
 
 impl Worker {
@@ -78,6 +91,15 @@ impl Worker {
     pub fn with_clock(
         config: Config,
         handler: Box<dyn Handler>,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Self> {
+        Self::with_handler(config, AnyHandler::Local(handler), clock)
+    }
+
+    /// A worker with any handler, in-process or remote.
+    pub fn with_handler(
+        config: Config,
+        handler: AnyHandler,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
@@ -96,11 +118,18 @@ impl Worker {
         let store = DedupStore::open(&config.store_dir, opts, clock).with_context(|| {
             format!("opening the dedup store in {}", config.store_dir.display())
         })?;
+        let stall = Duration::from_millis(config.http.request_timeout_ms) * 3
+            + Duration::from_secs(120);
+        let health = Health::new(stall);
+        if let AnyHandler::Remote(h) = &handler {
+            health.set_handler(h.clone());
+        }
         Ok(Self {
             config,
             store: Arc::new(store),
             handler,
             stats: Arc::new(Stats::default()),
+            health,
         })
     }
 
@@ -114,6 +143,11 @@ impl Worker {
         self.store.clone()
     }
 
+    /// What `/healthz` and `/readyz` report.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
     /// Runs the loop on the calling thread until `shutdown` is set (or, with
     /// [`StopWhen::CaughtUp`], until caught up), then commits what is durable,
     /// leaves the group and returns the counters.
@@ -123,6 +157,7 @@ impl Worker {
             store,
             handler,
             stats,
+            health,
         } = self;
         let dropped = store
             .expire(store.processing_time())
@@ -131,7 +166,7 @@ impl Worker {
             tracing::info!(count = dropped.len(), "dropped expired buckets at start-up");
         }
         let assignment = Arc::new(Mutex::new(Assignment::default()));
-        let consumer: BaseConsumer<IdemContext> = kafka::consumer_config(&config)
+        let consumer: BaseConsumer<IdemContext> = kafka::consumer_config(&config)?
             .create_with_context(IdemContext::new(
                 store.clone(),
                 assignment.clone(),
@@ -147,44 +182,39 @@ impl Worker {
                     &config.dead_letter_topic_for(topic),
                     partitions,
                 )?;
+                if !config.http.reply_topic.is_empty() {
+                    kafka::ensure_topic(&consumer, &config, &config.http.reply_topic, partitions)?;
+                }
             }
         }
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
             .with_context(|| format!("subscribing to {topics:?}"))?;
-        tracing::info!(topics = ?topics, group = %config.group_id, store = %config.store_dir.display(), "worker started");
+        tracing::info!(topics = ?topics, group = %config.group_id, store = %config.store_dir.display(),
+            handler = handler.name(), "worker started");
 
-        let dlq_template = config.clone();
-        let mut processor = BatchProcessor {
-            store: store.clone(),
-            handler,
-            dead_letters: DeadLetters::new(&config)?,
-            decider: config.decider(),
-            dlq_topic: Box::new(move |t: &str| dlq_template.dead_letter_topic_for(t)),
-            checkpoint_prefix: String::new(),
-            refresh_on_duplicate: config.refresh_on_duplicate,
-            bucket_clock: config.bucket_clock,
-            size_cap: (
-                config.max_store_bytes,
-                config.on_store_full == crate::config::OnStoreFull::DropOldest,
-            ),
-        };
+        let processor = BatchProcessor::new(&config, store.clone(), handler, "")?;
         let mut looper = Loop {
             consumer: &consumer,
             assignment: &assignment,
             stats: &stats,
+            health: &health,
+            processor,
             processed: HashMap::new(),
             uncommitted: BTreeMap::new(),
+            parked: HashMap::new(),
             generation_seen: 0,
         };
         let linger = Duration::from_millis(config.batch_linger_ms);
         let expiry_interval = MAX_EXPIRY_INTERVAL.min(Duration::from_secs(config.bucket_secs));
         let mut last_expiry = Instant::now();
         let mut last_caught_up_check = Instant::now();
+        let mut last_gauges: Option<Instant> = None;
         let mut result = Ok(());
         let mut first_message_at: Option<Instant> = None;
         while !shutdown.load(Ordering::SeqCst) {
+            health.beat();
             let batch = looper.fill_batch(config.batch_size, linger);
             if batch.is_empty() {
                 looper.commit_pending();
@@ -197,7 +227,8 @@ impl Worker {
                 }
             } else {
                 let began = *first_message_at.get_or_insert_with(Instant::now);
-                if let Err(e) = looper.process(&mut processor, &batch) {
+                if let Err(e) = looper.process(batch) {
+                    health.set_store_failing(true);
                     result = Err(e);
                     break;
                 }
@@ -209,7 +240,12 @@ impl Worker {
                     tracing::error!(error = %e, "dropping expired buckets failed; will retry");
                 }
             }
+            if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
+                last_gauges = Some(Instant::now());
+                looper.refresh_gauges(&store);
+            }
         }
+        health.set_stopping();
         looper.commit_pending();
         consumer.unsubscribe();
         stats.set_clock_clamps(store.clock_clamps());
@@ -219,24 +255,70 @@ impl Worker {
     }
 }
 
+/// Messages of a partition held back until their retry is due.
+struct Parked {
+    /// Fetched messages of the partition, in offset order, the first being
+    /// the one to retry.
+    messages: VecDeque<OwnedMessage>,
+    /// When the first one is tried again.
+    due: Instant,
+    /// True when retries ran out and the policy holds the partition.
+    held: bool,
+}
+
 /// The state of the consumer loop between batches.
 struct Loop<'a> {
     consumer: &'a BaseConsumer<IdemContext>,
     assignment: &'a Mutex<Assignment>,
     stats: &'a Stats,
+    health: &'a Health,
+    processor: BatchProcessor,
     /// Next offset to process per partition, after durable batches.
     processed: HashMap<TopicPartition, i64>,
     /// Durable offsets not yet committed to Kafka.
     uncommitted: BTreeMap<TopicPartition, i64>,
+    /// Partitions waiting for a retry (paused in the consumer).
+    parked: HashMap<TopicPartition, Parked>,
     generation_seen: u64,
 }
 
+fn one_partition(tp: &TopicPartition) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    tpl
+}
+
 impl Loop<'_> {
-    /// Polls until the batch is full, the linger time has passed since its
-    /// first message, or (when empty) one idle poll came back with nothing.
+    /// Takes the parked messages whose retry is due, then polls until the
+    /// batch is full, the linger time has passed since its first message, or
+    /// (when empty) one idle poll came back with nothing.
     fn fill_batch(&mut self, size: usize, linger: Duration) -> Vec<OwnedMessage> {
         let mut batch: Vec<OwnedMessage> = Vec::new();
-        let mut deadline: Option<Instant> = None;
+        let now = Instant::now();
+        let due: Vec<TopicPartition> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.due <= now)
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in due {
+            let Some(p) = self.parked.get_mut(&tp) else {
+                continue;
+            };
+            while batch.len() < size {
+                let Some(m) = p.messages.pop_front() else {
+                    break;
+                };
+                batch.push(m);
+            }
+            if p.messages.is_empty() {
+                self.parked.remove(&tp);
+                if let Err(e) = self.consumer.resume(&one_partition(&tp)) {
+                    tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "cannot resume a partition; will retry");
+                }
+            }
+        }
+        let mut deadline: Option<Instant> = (!batch.is_empty()).then(|| Instant::now() + linger);
         while batch.len() < size {
             let timeout = match deadline {
                 None => IDLE_POLL,
@@ -253,7 +335,17 @@ impl Loop<'_> {
                     }
                 }
                 Some(Ok(m)) => {
-                    batch.push(m.detach());
+                    let m = m.detach();
+                    // A message of a paused partition fetched before the
+                    // pause took effect: it goes behind the waiting ones.
+                    let tp = (m.topic().to_string(), m.partition());
+                    if let Some(p) = self.parked.get_mut(&tp) {
+                        if p.messages.back().is_none_or(|last| last.offset() < m.offset()) {
+                            p.messages.push_back(m);
+                        }
+                        continue;
+                    }
+                    batch.push(m);
                     deadline.get_or_insert_with(|| Instant::now() + linger);
                 }
             }
@@ -265,7 +357,7 @@ impl Loop<'_> {
     }
 
     /// Drops fetched-but-unstarted messages of partitions revoked during the
-    /// last poll: the new owner will handle them.
+    /// last poll, parked ones included: the new owner will handle them.
     fn drop_revoked(&mut self, batch: &mut Vec<OwnedMessage>) {
         let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
         if state.generation == self.generation_seen {
@@ -276,37 +368,97 @@ impl Loop<'_> {
         for (tp, next) in state.commit_now.drain() {
             self.uncommitted.insert(tp, next);
         }
+        let owned: Vec<TopicPartition> = state.owned.keys().cloned().collect();
         drop(state);
+        self.health.set_assigned(!owned.is_empty());
+        // librdkafka keeps a partition paused across a re-assignment: every
+        // owned partition that is not waiting for a retry is resumed.
+        let mut resume = TopicPartitionList::new();
+        for tp in owned.iter().filter(|tp| !self.parked.contains_key(*tp)) {
+            resume.add_partition(&tp.0, tp.1);
+        }
+        if resume.count() > 0 {
+            if let Err(e) = self.consumer.resume(&resume) {
+                tracing::debug!(error = %e, "resuming the assigned partitions");
+            }
+        }
         if revoked.is_empty() {
             return;
         }
         let before = batch.len();
         batch.retain(|m| !revoked.contains(&(m.topic().to_string(), m.partition())));
-        if batch.len() != before {
+        let parked_before: usize = self.parked.values().map(|p| p.messages.len()).sum();
+        self.parked.retain(|tp, _| !revoked.contains(tp));
+        let parked_after: usize = self.parked.values().map(|p| p.messages.len()).sum();
+        let dropped = before - batch.len() + parked_before - parked_after;
+        if dropped > 0 {
             tracing::info!(
-                dropped = before - batch.len(),
+                dropped,
                 "dropped unstarted messages of revoked partitions"
             );
         }
+        self.processor.forget_partitions(&revoked);
         for tp in &revoked {
             self.processed.remove(tp);
             self.uncommitted.remove(tp);
         }
     }
 
-    fn process(
-        &mut self,
-        processor: &mut BatchProcessor,
-        batch: &[OwnedMessage],
-    ) -> anyhow::Result<()> {
-        let result = processor.process(batch)?;
+    fn process(&mut self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
+        let result = self.processor.process(&batch)?;
+        self.health.set_store_failing(false);
         self.stats.add_batch(&result.counts);
-        for (tp, next) in result.next_offsets {
-            self.processed.insert(tp.clone(), next);
-            self.uncommitted.insert(tp, next);
+        count_outcomes(&batch, &result);
+        for (tp, next) in &result.next_offsets {
+            self.processed.insert(tp.clone(), *next);
+            self.uncommitted.insert(tp.clone(), *next);
         }
         self.commit_pending();
+        if !result.deferred.is_empty() {
+            self.park(batch, &result.deferred);
+        }
+        let held = self.parked.values().filter(|p| p.held).count();
+        self.health.set_held_partitions(held);
+        m::degraded(held > 0, self.parked.len());
         Ok(())
+    }
+
+    /// Holds back the messages of deferred partitions from their deferred
+    /// offset on, in front of any still parked, and pauses those partitions.
+    fn park(&mut self, batch: Vec<OwnedMessage>, deferred: &BTreeMap<TopicPartition, Deferral>) {
+        let mut held_back: HashMap<TopicPartition, VecDeque<OwnedMessage>> = HashMap::new();
+        for m in batch {
+            let tp = (m.topic().to_string(), m.partition());
+            if deferred.get(&tp).is_some_and(|d| m.offset() >= d.offset) {
+                held_back.entry(tp).or_default().push_back(m);
+            }
+        }
+        for (tp, d) in deferred {
+            let mut messages = held_back.remove(tp).unwrap_or_default();
+            let due = Instant::now() + d.delay;
+            match self.parked.get_mut(tp) {
+                Some(p) => {
+                    messages.append(&mut p.messages);
+                    p.messages = messages;
+                    p.due = due;
+                    p.held = d.held;
+                }
+                None => {
+                    if let Err(e) = self.consumer.pause(&one_partition(tp)) {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, error = %e,
+                            "cannot pause a partition waiting for a retry; its new messages wait in memory");
+                    }
+                    self.parked.insert(
+                        tp.clone(),
+                        Parked {
+                            messages,
+                            due,
+                            held: d.held,
+                        },
+                    );
+                }
+            }
+        }
     }
 
     /// Commits every durable offset not yet committed; on failure keeps them
@@ -325,8 +477,34 @@ impl Loop<'_> {
             Ok(()) => self.uncommitted.clear(),
             Err(e) => {
                 self.stats.commit_failed();
+                m::commit_failed();
                 tracing::warn!(error = %e, "offset commit failed; will retry with the next batch");
             }
+        }
+    }
+
+    /// Refreshes the lag and store gauges.
+    fn refresh_gauges(&self, store: &DedupStore) {
+        let owned: Vec<(TopicPartition, Option<i64>)> = {
+            let state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+            state.owned.iter().map(|(k, v)| (k.clone(), *v)).collect()
+        };
+        for ((topic, partition), start) in owned {
+            if let Some((low, high)) = kafka::cached_watermarks(self.consumer, &topic, partition) {
+                {
+                    let next = self
+                        .processed
+                        .get(&(topic.clone(), partition))
+                        .copied()
+                        .or(start)
+                        .unwrap_or(low);
+                    m::lag(&topic, partition, (high - next).max(0));
+                }
+            }
+        }
+        match store.stats() {
+            Ok(s) => m::store(s.buckets.len(), s.estimated_keys, s.disk_bytes),
+            Err(e) => tracing::debug!(error = %e, "reading the store gauges"),
         }
     }
 
@@ -337,7 +515,7 @@ impl Loop<'_> {
             let state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
             state.owned.iter().map(|(k, v)| (k.clone(), *v)).collect()
         };
-        if owned.is_empty() {
+        if owned.is_empty() || !self.parked.is_empty() {
             return false;
         }
         for ((topic, partition), start) in owned {
@@ -358,5 +536,18 @@ impl Loop<'_> {
             }
         }
         self.uncommitted.is_empty()
+    }
+}
+
+/// Adds a durable batch's outcomes to the Prometheus counters, by topic.
+fn count_outcomes(batch: &[OwnedMessage], result: &BatchResult) {
+    let mut by: BTreeMap<(&str, &'static str), u64> = BTreeMap::new();
+    for (msg, outcome) in batch.iter().zip(&result.outcomes) {
+        if let Some(o) = outcome {
+            *by.entry((msg.topic(), o.counted.label())).or_default() += 1;
+        }
+    }
+    for ((topic, label), n) in by {
+        m::messages(topic, label, n);
     }
 }

@@ -17,6 +17,9 @@ pub struct Stats {
     undecodable: AtomicU64,
     tombstones: AtomicU64,
     bad_keys: AtomicU64,
+    exhausted: AtomicU64,
+    retries: AtomicU64,
+    replies: AtomicU64,
     unkeyed: AtomicU64,
     cross_partition_duplicates: AtomicU64,
     event_time_fallbacks: AtomicU64,
@@ -47,6 +50,15 @@ pub struct RunSummary {
     pub tombstones: u64,
     /// Messages without a usable key, e.g. disagreeing headers (dead-lettered).
     pub bad_keys: u64,
+    /// New messages not finished within the retry policy's attempts
+    /// (dead-lettered, `on_exhausted = "dead_letter"`).
+    pub exhausted: u64,
+    /// Failed attempts that were retried later (not outcomes: a message
+    /// retried three times and then handled counts 3 here and 1 in
+    /// `handled`).
+    pub retries: u64,
+    /// Replies acknowledged on the reply topic.
+    pub replies: u64,
     /// Messages keyed by topic/partition/offset because no key source matched.
     pub unkeyed: u64,
     /// Duplicates whose first copy came from another partition.
@@ -96,6 +108,24 @@ pub enum Counted {
     Tombstone,
     /// See [`RunSummary::bad_keys`].
     BadKey,
+    /// See [`RunSummary::exhausted`].
+    Exhausted,
+}
+
+impl Counted {
+    /// The `outcome` label of the messages metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            Counted::Handled => "handled",
+            Counted::Duplicate => "duplicate",
+            Counted::Conflict => "conflict",
+            Counted::Rejected => "rejected",
+            Counted::Undecodable => "undecodable",
+            Counted::Tombstone => "tombstone",
+            Counted::BadKey => "bad_key",
+            Counted::Exhausted => "retries_exhausted",
+        }
+    }
 }
 
 impl Stats {
@@ -113,12 +143,15 @@ impl Stats {
             &self.undecodable,
             &self.tombstones,
             &self.bad_keys,
+            &self.exhausted,
         ]
         .into_iter()
         .enumerate()
         {
             add(c, counts.outcomes[i]);
         }
+        add(&self.retries, counts.retries);
+        add(&self.replies, counts.replies);
         add(&self.unkeyed, counts.unkeyed);
         add(&self.cross_partition_duplicates, counts.cross_partition);
         add(&self.event_time_fallbacks, counts.event_time_fallbacks);
@@ -154,6 +187,9 @@ impl Stats {
             undecodable: g(&self.undecodable),
             tombstones: g(&self.tombstones),
             bad_keys: g(&self.bad_keys),
+            exhausted: g(&self.exhausted),
+            retries: g(&self.retries),
+            replies: g(&self.replies),
             unkeyed: g(&self.unkeyed),
             cross_partition_duplicates: g(&self.cross_partition_duplicates),
             event_time_fallbacks: g(&self.event_time_fallbacks),
@@ -170,7 +206,7 @@ impl Stats {
 /// Counts of one batch, added to [`Stats`] only once the batch is durable.
 #[derive(Debug, Default)]
 pub struct BatchCounts {
-    outcomes: [u64; 7],
+    outcomes: [u64; 8],
     /// Unkeyed messages in the batch.
     pub unkeyed: u64,
     /// Cross-partition duplicates in the batch.
@@ -181,6 +217,10 @@ pub struct BatchCounts {
     pub early_bucket_drops: u64,
     /// Dead letters acknowledged for the batch.
     pub dead_letters: u64,
+    /// Failed attempts deferred for a retry.
+    pub retries: u64,
+    /// Replies acknowledged for the batch.
+    pub replies: u64,
 }
 
 impl BatchCounts {

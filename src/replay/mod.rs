@@ -34,8 +34,7 @@ pub use report::{Example, ReplayCounts, ReplayOutcome, ReplayReport};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::dlq::DeadLetters;
-use crate::handler::Handler;
+use crate::handler::{AnyHandler, Handler};
 use crate::kafka;
 use crate::key::ScopedKeyHash;
 use crate::pipeline::{BatchProcessor, Counted, Decision};
@@ -270,6 +269,7 @@ impl Replay {
                             source_offset: msg.offset(),
                             outcome: RecordOutcome::Handled as i32,
                             refreshed_ms: 0,
+                            response: None,
                         },
                     );
                 }
@@ -322,7 +322,7 @@ impl Replay {
         let mut source = self.open_source(&mut report)?;
         if let Source::Topic { topic } = &self.source {
             if self.config.create_topics {
-                let admin: BaseConsumer = kafka::base_config(&self.config)
+                let admin: BaseConsumer = kafka::base_config(&self.config)?
                     .create()
                     .context("creating a metadata client")?;
                 let n = kafka::partition_count(&admin, topic)?;
@@ -334,21 +334,12 @@ impl Replay {
                 )?;
             }
         }
-        let dlq = self.config.clone();
-        let mut processor = BatchProcessor {
-            store: store.clone(),
-            handler,
-            dead_letters: DeadLetters::new(&self.config)?,
-            decider: self.config.decider(),
-            dlq_topic: Box::new(move |t: &str| dlq.dead_letter_topic_for(t)),
-            checkpoint_prefix: REPLAY_CHECKPOINT_PREFIX.to_string(),
-            refresh_on_duplicate: self.config.refresh_on_duplicate,
-            bucket_clock: self.config.bucket_clock,
-            size_cap: (
-                self.config.max_store_bytes,
-                self.config.on_store_full == crate::config::OnStoreFull::DropOldest,
-            ),
-        };
+        let mut processor = BatchProcessor::new(
+            &self.config,
+            store.clone(),
+            AnyHandler::Local(handler),
+            REPLAY_CHECKPOINT_PREFIX,
+        )?;
         let bar = self.progress_bar(source.expected());
         loop {
             let batch = source.next_batch(self.config.batch_size)?;
@@ -356,7 +347,14 @@ impl Replay {
                 break;
             }
             let result = processor.process(&batch)?;
-            for (msg, done) in batch.iter().zip(result.outcomes) {
+            if let Some(((topic, partition), d)) = result.deferred.iter().next() {
+                anyhow::bail!(
+                    "the handler could not finish {topic}/{partition}@{}; nothing at or after it in that partition was applied (see the log for the reason); run the replay again with --from {partition}:{}",
+                    d.offset,
+                    d.offset
+                );
+            }
+            for (msg, done) in batch.iter().zip(result.outcomes.into_iter().flatten()) {
                 let outcome = match done.counted {
                     Counted::Handled => ReplayOutcome::New,
                     Counted::Duplicate => ReplayOutcome::Duplicate,
@@ -365,6 +363,7 @@ impl Replay {
                     Counted::Undecodable => ReplayOutcome::Undecodable,
                     Counted::Tombstone => ReplayOutcome::Tombstone,
                     Counted::BadKey => ReplayOutcome::BadKey,
+                    Counted::Exhausted => ReplayOutcome::Rejected,
                 };
                 // The key for the example: decided again now that the batch is
                 // written (only for the few messages kept as examples).

@@ -83,7 +83,7 @@ impl TopicReader {
         // A group id that no worker uses: `assign` does not join it, and
         // nothing is ever committed under it.
         let group = format!("idem-replay-{}", std::process::id());
-        let consumer: BaseConsumer<ReplayContext> = kafka::base_config(config)
+        let consumer: BaseConsumer<ReplayContext> = kafka::base_config(config)?
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

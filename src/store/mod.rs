@@ -717,6 +717,7 @@ mod tests {
             source_offset: 9,
             outcome: 1,
             refreshed_ms: 0,
+            response: None,
         }
     }
 

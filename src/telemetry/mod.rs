@@ -1,5 +1,11 @@
-//! Logging set-up. Logs go to stderr so that stdout stays free for the
-//! summaries and tables that scripts read. Payload bytes are never logged.
+//! What an operator sees of a running worker: logs, Prometheus metrics and
+//! the health endpoints.
+//!
+//! Logs go to stderr so that stdout stays free for the summaries and tables
+//! that scripts read. Payload bytes and secrets are never logged.
+
+pub mod metrics;
+pub mod server;
 
 use crate::config::LogFormat;
 use tracing_subscriber::EnvFilter;

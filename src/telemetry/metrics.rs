@@ -1,0 +1,128 @@
+//! The Prometheus metrics of a worker: their names, units and help texts in
+//! one place, and the recording calls the pipeline makes.
+//!
+//! Guarantee: the message counters are incremented only for outcomes that
+//! are durable (after the batch's write), so `/metrics` never counts a
+//! message that a crash would hand out again; a test compares them with its
+//! own counts.
+
+use crate::handler::Verdict;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Messages by topic and final outcome.
+pub const MESSAGES: &str = "idem_messages_total";
+/// Failed attempts that were retried, by topic.
+pub const RETRIES: &str = "idem_retries_total";
+/// Handler calls by handler and result, seconds.
+pub const HANDLER_SECONDS: &str = "idem_handler_duration_seconds";
+/// Synced store writes (one per batch), seconds.
+pub const STORE_WRITE_SECONDS: &str = "idem_store_write_duration_seconds";
+/// Messages per batch.
+pub const BATCH_SIZE: &str = "idem_batch_messages";
+/// Log-end offset minus the next offset to process, per partition.
+pub const LAG: &str = "idem_consumer_lag";
+/// Live buckets of the store.
+pub const STORE_BUCKETS: &str = "idem_store_buckets";
+/// Estimated keys in the store.
+pub const STORE_KEYS: &str = "idem_store_keys";
+/// Bytes of the store directory.
+pub const STORE_BYTES: &str = "idem_store_bytes";
+/// 1 when the worker is degraded (a partition held after its retries ran
+/// out, or the store failing), else 0.
+pub const DEGRADED: &str = "idem_degraded";
+/// Partitions waiting for a retry.
+pub const PARTITIONS_WAITING: &str = "idem_partitions_waiting";
+/// Offset commits that failed (retried later).
+pub const COMMIT_FAILURES: &str = "idem_commit_failures_total";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return
+/// the same handle). `None` when another recorder was installed first.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ];
+            let sizes = [1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0];
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes))
+                .and_then(|b| b.install_recorder())
+                .map_err(|e| tracing::warn!(error = %e, "cannot install the Prometheus recorder"))
+                .ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    describe_counter!(MESSAGES, "Messages by topic and final outcome (handled, duplicate, conflict, rejected, undecodable, tombstone, bad_key, retries_exhausted).");
+    describe_counter!(RETRIES, "Failed attempts that were retried later, by topic.");
+    describe_histogram!(HANDLER_SECONDS, metrics::Unit::Seconds, "Handler calls by handler and result.");
+    describe_histogram!(STORE_WRITE_SECONDS, metrics::Unit::Seconds, "Synced RocksDB writes, one per batch.");
+    describe_histogram!(BATCH_SIZE, "Messages per batch.");
+    describe_gauge!(LAG, "Log-end offset minus the next offset to process, per partition.");
+    describe_gauge!(STORE_BUCKETS, "Live buckets of the dedup store.");
+    describe_gauge!(STORE_KEYS, "Estimated keys in the dedup store.");
+    describe_gauge!(STORE_BYTES, metrics::Unit::Bytes, "Bytes of the dedup store directory.");
+    describe_gauge!(DEGRADED, "1 while a partition is held after its retries ran out or the store fails.");
+    describe_gauge!(PARTITIONS_WAITING, "Partitions waiting for a retry of a message.");
+    describe_counter!(COMMIT_FAILURES, "Offset commits that failed and were retried later.");
+}
+
+/// Records one handler call.
+pub fn handler_call(handler: &'static str, verdict: &Verdict, took: Duration) {
+    let result = match verdict {
+        Verdict::Handled => "handled",
+        Verdict::Rejected(_) => "rejected",
+        Verdict::Retry { .. } => "retry",
+    };
+    histogram!(HANDLER_SECONDS, "handler" => handler, "result" => result).record(took.as_secs_f64());
+}
+
+/// Records one synced store write of a batch of `messages`.
+pub fn store_write(took: Duration, messages: usize) {
+    histogram!(STORE_WRITE_SECONDS).record(took.as_secs_f64());
+    histogram!(BATCH_SIZE).record(messages as f64);
+}
+
+/// Adds `n` messages of `topic` with final `outcome`.
+pub fn messages(topic: &str, outcome: &'static str, n: u64) {
+    counter!(MESSAGES, "topic" => topic.to_string(), "outcome" => outcome).increment(n);
+}
+
+/// Adds `n` retried attempts of `topic`.
+pub fn retries(topic: &str, n: u64) {
+    counter!(RETRIES, "topic" => topic.to_string()).increment(n);
+}
+
+/// Counts a failed offset commit.
+pub fn commit_failed() {
+    counter!(COMMIT_FAILURES).increment(1);
+}
+
+/// Sets the lag of one partition.
+pub fn lag(topic: &str, partition: i32, lag: i64) {
+    gauge!(LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
+        .set(lag as f64);
+}
+
+/// Sets the store gauges.
+pub fn store(buckets: usize, keys: u64, bytes: u64) {
+    gauge!(STORE_BUCKETS).set(buckets as f64);
+    gauge!(STORE_KEYS).set(keys as f64);
+    gauge!(STORE_BYTES).set(bytes as f64);
+}
+
+/// Sets the degraded gauge and the count of waiting partitions.
+pub fn degraded(degraded: bool, waiting: usize) {
+    gauge!(DEGRADED).set(if degraded { 1.0 } else { 0.0 });
+    gauge!(PARTITIONS_WAITING).set(waiting as f64);
+}
