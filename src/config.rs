@@ -639,7 +639,10 @@ impl Config {
                 )
             })?;
             if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
-                bail!("`http.url` must name a host: \"http://host:port/path\", got {:?}", h.url);
+                bail!(
+                    "`http.url` must name a host: \"http://host:port/path\", got {:?}",
+                    h.url
+                );
             }
         }
         for (name, v, lo, hi) in [

@@ -63,7 +63,10 @@ impl Reply {
                 Some(self.idempotency_key.clone().into_bytes()),
             ),
             ("idem-status", Some(r.status.to_string().into_bytes())),
-            ("idem-source-topic", Some(self.source.0.clone().into_bytes())),
+            (
+                "idem-source-topic",
+                Some(self.source.0.clone().into_bytes()),
+            ),
             (
                 "idem-source-partition",
                 Some(self.source.1.to_string().into_bytes()),

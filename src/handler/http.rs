@@ -24,9 +24,9 @@ use crate::key::KeySource;
 use crate::payload::Decoded;
 use anyhow::Context as _;
 use base64::Engine as _;
+use rdkafka::message::Headers as _;
 use reqwest::blocking::Client;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use rdkafka::message::Headers as _;
 use std::io::Read as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -62,9 +62,14 @@ impl HttpHandler {
         let content_type = if config.content_type == CONTENT_TYPE_AUTO {
             None
         } else {
-            Some(HeaderValue::from_str(&config.content_type).with_context(|| {
-                format!("`http.content_type` {:?} is not a valid header value", config.content_type)
-            })?)
+            Some(
+                HeaderValue::from_str(&config.content_type).with_context(|| {
+                    format!(
+                        "`http.content_type` {:?} is not a valid header value",
+                        config.content_type
+                    )
+                })?,
+            )
         };
         Ok(Self {
             client,
@@ -201,7 +206,10 @@ impl RemoteHandler for HttpHandler {
             self.reachable.store(false, Ordering::Relaxed);
             return Answer {
                 verdict: Verdict::Retry {
-                    reason: format!("reading the response of POST {} (HTTP {status}) failed: {e}", self.url),
+                    reason: format!(
+                        "reading the response of POST {} (HTTP {status}) failed: {e}",
+                        self.url
+                    ),
                     after: retry_after,
                 },
                 response: None,

@@ -19,7 +19,7 @@
 
 use crate::config::{BucketClock, Config, OnStoreFull};
 use crate::dlq::{DeadLetter, DeadLetterKind, DeadLetters};
-use crate::handler::{AnyHandler, Answer, Delivery, RemoteHandler, Verdict};
+use crate::handler::{Answer, AnyHandler, Delivery, RemoteHandler, Verdict};
 use crate::key::{Fingerprint, ScopedKeyHash};
 use crate::pipeline::decide::{Decider, Decision, Fresh, Prepared};
 use crate::pipeline::rebalance::TopicPartition;
@@ -321,23 +321,22 @@ impl BatchProcessor {
                             let d = delivery(msg, fresh);
                             let began = Instant::now();
                             let mut txn = batch.handler_txn(&self.store);
-                            let verdict = match catch_unwind(AssertUnwindSafe(|| {
-                                h.handle(&d, &mut txn)
-                            })) {
-                                Ok(Ok(v)) => v,
-                                Ok(Err(e)) => Verdict::Retry {
-                                    reason: format!("handler `{}` failed: {e:#}", h.name()),
-                                    after: None,
-                                },
-                                Err(p) => Verdict::Retry {
-                                    reason: format!(
-                                        "handler `{}` panicked: {}",
-                                        h.name(),
-                                        panic_text(p.as_ref())
-                                    ),
-                                    after: None,
-                                },
-                            };
+                            let verdict =
+                                match catch_unwind(AssertUnwindSafe(|| h.handle(&d, &mut txn))) {
+                                    Ok(Ok(v)) => v,
+                                    Ok(Err(e)) => Verdict::Retry {
+                                        reason: format!("handler `{}` failed: {e:#}", h.name()),
+                                        after: None,
+                                    },
+                                    Err(p) => Verdict::Retry {
+                                        reason: format!(
+                                            "handler `{}` panicked: {}",
+                                            h.name(),
+                                            panic_text(p.as_ref())
+                                        ),
+                                        after: None,
+                                    },
+                                };
                             match verdict {
                                 Verdict::Handled => txn.keep(),
                                 Verdict::Retry { .. } => {
@@ -543,7 +542,9 @@ impl BatchProcessor {
                                 }
                             }
                         }
-                        Verdict::Handled => (Counted::Handled, RecordOutcome::Handled, answer.response),
+                        Verdict::Handled => {
+                            (Counted::Handled, RecordOutcome::Handled, answer.response)
+                        }
                         Verdict::Rejected(reason) => {
                             letters.push(self.letter(
                                 msg,
@@ -727,8 +728,7 @@ impl BatchProcessor {
                         },
                     );
                 }
-                if first.source_partition != msg.partition() || first.source_topic != msg.topic()
-                {
+                if first.source_partition != msg.partition() || first.source_topic != msg.topic() {
                     counts.cross_partition += 1;
                     tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
                         first_topic = %first.source_topic, first_partition = first.source_partition,
@@ -780,12 +780,7 @@ impl BatchProcessor {
 }
 
 /// The dedup record of a new message.
-fn new_record(
-    msg: &OwnedMessage,
-    fresh: &Fresh,
-    now: i64,
-    outcome: RecordOutcome,
-) -> DedupRecord {
+fn new_record(msg: &OwnedMessage, fresh: &Fresh, now: i64, outcome: RecordOutcome) -> DedupRecord {
     DedupRecord {
         fingerprint: fresh.fingerprint.0.to_vec(),
         first_seen_ms: now,
@@ -808,10 +803,10 @@ mod tests {
     use crate::config::Config;
     use crate::handler::ledger::Ledger;
     use crate::handler::{Handler, HandlerTxn, Response};
-    use crate::pipeline::retry::RetryPolicy;
     use crate::key::{IdempotencyKey, KeyRule, ScopedKeyHash};
     use crate::payload::PayloadFormat;
     use crate::pipeline::decide::TopicRule;
+    use crate::pipeline::retry::RetryPolicy;
     use crate::proto::PaymentEvent;
     use crate::store::StoreOptions;
     use prost::Message as _;
@@ -960,7 +955,8 @@ mod tests {
                 Counted::Handled
             };
             assert_eq!(
-                r.outcomes[0].unwrap().counted, expected,
+                r.outcomes[0].unwrap().counted,
+                expected,
                 "refresh_on_duplicate = {refresh}"
             );
             assert_eq!(calls.load(Ordering::SeqCst), calls_at_30h);
@@ -1039,8 +1035,9 @@ mod tests {
                 None,
             )
         };
-        let outcome =
-            |p: &mut BatchProcessor, m: OwnedMessage| p.process(&[m]).unwrap().outcomes[0].unwrap().counted;
+        let outcome = |p: &mut BatchProcessor, m: OwnedMessage| {
+            p.process(&[m]).unwrap().outcomes[0].unwrap().counted
+        };
         assert_eq!(outcome(&mut p, on("t", 0)), Counted::Handled);
         assert_eq!(outcome(&mut p, on("u", 0)), Counted::Handled); // another scope
         clock.advance(HOUR);
@@ -1152,7 +1149,8 @@ mod tests {
             msg(1, 1, &event("e4", 1)),
         ];
         let r = p.process(&batch).unwrap();
-        let counted: Vec<Option<Counted>> = r.outcomes.iter().map(|o| o.map(|o| o.counted)).collect();
+        let counted: Vec<Option<Counted>> =
+            r.outcomes.iter().map(|o| o.map(|o| o.counted)).collect();
         assert_eq!(
             counted,
             vec![
@@ -1274,7 +1272,10 @@ mod tests {
         let (mut p, _) = remote(
             &cluster,
             dir.path(),
-            &[("e1", vec![Verdict::Rejected("panic".into()), Verdict::Handled])],
+            &[(
+                "e1",
+                vec![Verdict::Rejected("panic".into()), Verdict::Handled],
+            )],
             policy(5, crate::config::OnExhausted::Pause),
         );
         let r = p.process(&[msg(0, 0, &event("e1", 1))]).unwrap();

@@ -118,8 +118,8 @@ impl Worker {
         let store = DedupStore::open(&config.store_dir, opts, clock).with_context(|| {
             format!("opening the dedup store in {}", config.store_dir.display())
         })?;
-        let stall = Duration::from_millis(config.http.request_timeout_ms) * 3
-            + Duration::from_secs(120);
+        let stall =
+            Duration::from_millis(config.http.request_timeout_ms) * 3 + Duration::from_secs(120);
         let health = Health::new(stall);
         if let AnyHandler::Remote(h) = &handler {
             health.set_handler(h.clone());
@@ -340,7 +340,10 @@ impl Loop<'_> {
                     // pause took effect: it goes behind the waiting ones.
                     let tp = (m.topic().to_string(), m.partition());
                     if let Some(p) = self.parked.get_mut(&tp) {
-                        if p.messages.back().is_none_or(|last| last.offset() < m.offset()) {
+                        if p.messages
+                            .back()
+                            .is_none_or(|last| last.offset() < m.offset())
+                        {
                             p.messages.push_back(m);
                         }
                         continue;
@@ -392,10 +395,7 @@ impl Loop<'_> {
         let parked_after: usize = self.parked.values().map(|p| p.messages.len()).sum();
         let dropped = before - batch.len() + parked_before - parked_after;
         if dropped > 0 {
-            tracing::info!(
-                dropped,
-                "dropped unstarted messages of revoked partitions"
-            );
+            tracing::info!(dropped, "dropped unstarted messages of revoked partitions");
         }
         self.processor.forget_partitions(&revoked);
         for tp in &revoked {
@@ -491,15 +491,13 @@ impl Loop<'_> {
         };
         for ((topic, partition), start) in owned {
             if let Some((low, high)) = kafka::cached_watermarks(self.consumer, &topic, partition) {
-                {
-                    let next = self
-                        .processed
-                        .get(&(topic.clone(), partition))
-                        .copied()
-                        .or(start)
-                        .unwrap_or(low);
-                    m::lag(&topic, partition, (high - next).max(0));
-                }
+                let next = self
+                    .processed
+                    .get(&(topic.clone(), partition))
+                    .copied()
+                    .or(start)
+                    .unwrap_or(low);
+                m::lag(&topic, partition, (high - next).max(0));
             }
         }
         match store.stats() {

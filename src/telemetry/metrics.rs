@@ -64,17 +64,44 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 
 fn describe() {
     describe_counter!(MESSAGES, "Messages by topic and final outcome (handled, duplicate, conflict, rejected, undecodable, tombstone, bad_key, retries_exhausted).");
-    describe_counter!(RETRIES, "Failed attempts that were retried later, by topic.");
-    describe_histogram!(HANDLER_SECONDS, metrics::Unit::Seconds, "Handler calls by handler and result.");
-    describe_histogram!(STORE_WRITE_SECONDS, metrics::Unit::Seconds, "Synced RocksDB writes, one per batch.");
+    describe_counter!(
+        RETRIES,
+        "Failed attempts that were retried later, by topic."
+    );
+    describe_histogram!(
+        HANDLER_SECONDS,
+        metrics::Unit::Seconds,
+        "Handler calls by handler and result."
+    );
+    describe_histogram!(
+        STORE_WRITE_SECONDS,
+        metrics::Unit::Seconds,
+        "Synced RocksDB writes, one per batch."
+    );
     describe_histogram!(BATCH_SIZE, "Messages per batch.");
-    describe_gauge!(LAG, "Log-end offset minus the next offset to process, per partition.");
+    describe_gauge!(
+        LAG,
+        "Log-end offset minus the next offset to process, per partition."
+    );
     describe_gauge!(STORE_BUCKETS, "Live buckets of the dedup store.");
     describe_gauge!(STORE_KEYS, "Estimated keys in the dedup store.");
-    describe_gauge!(STORE_BYTES, metrics::Unit::Bytes, "Bytes of the dedup store directory.");
-    describe_gauge!(DEGRADED, "1 while a partition is held after its retries ran out or the store fails.");
-    describe_gauge!(PARTITIONS_WAITING, "Partitions waiting for a retry of a message.");
-    describe_counter!(COMMIT_FAILURES, "Offset commits that failed and were retried later.");
+    describe_gauge!(
+        STORE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of the dedup store directory."
+    );
+    describe_gauge!(
+        DEGRADED,
+        "1 while a partition is held after its retries ran out or the store fails."
+    );
+    describe_gauge!(
+        PARTITIONS_WAITING,
+        "Partitions waiting for a retry of a message."
+    );
+    describe_counter!(
+        COMMIT_FAILURES,
+        "Offset commits that failed and were retried later."
+    );
 }
 
 /// Records one handler call.
@@ -84,7 +111,8 @@ pub fn handler_call(handler: &'static str, verdict: &Verdict, took: Duration) {
         Verdict::Rejected(_) => "rejected",
         Verdict::Retry { .. } => "retry",
     };
-    histogram!(HANDLER_SECONDS, "handler" => handler, "result" => result).record(took.as_secs_f64());
+    histogram!(HANDLER_SECONDS, "handler" => handler, "result" => result)
+        .record(took.as_secs_f64());
 }
 
 /// Records one synced store write of a batch of `messages`.
@@ -110,8 +138,7 @@ pub fn commit_failed() {
 
 /// Sets the lag of one partition.
 pub fn lag(topic: &str, partition: i32, lag: i64) {
-    gauge!(LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
-        .set(lag as f64);
+    gauge!(LAG, "topic" => topic.to_string(), "partition" => partition.to_string()).set(lag as f64);
 }
 
 /// Sets the store gauges.

@@ -159,8 +159,9 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 /// the process exits; returns the bound address (useful with port 0).
 pub fn serve(listen: SocketAddr, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
     super::metrics::install();
-    let listener = std::net::TcpListener::bind(listen)
-        .with_context(|| format!("binding the metrics and health endpoint `metrics.listen` = {listen}"))?;
+    let listener = std::net::TcpListener::bind(listen).with_context(|| {
+        format!("binding the metrics and health endpoint `metrics.listen` = {listen}")
+    })?;
     listener
         .set_nonblocking(true)
         .context("making the metrics listener non-blocking")?;

@@ -4,6 +4,8 @@
 //! truth (committed offsets, log-end offsets, dead letters).
 #![allow(dead_code)]
 
+pub mod app;
+
 use idem::clock::{Clock as _, ManualClock, SystemClock};
 use idem::config::Config;
 use idem::handler::ledger::Ledger;
@@ -97,6 +99,8 @@ pub fn child_env() -> Vec<(&'static str, &'static str)> {
         ("IDEM_KAFKA__SESSION_TIMEOUT_MS", "6000"),
         ("IDEM_KAFKA__HEARTBEAT_INTERVAL_MS", "500"),
         ("RUST_LOG", "info,rdkafka=warn"),
+        // Several workers at once: each on a free port.
+        ("IDEM_METRICS__LISTEN", "127.0.0.1:0"),
     ]
 }
 
