@@ -919,7 +919,9 @@ mod tests {
             "IDEM_MAX_STORE_BYTES: `max_store_bytes` must be a whole number of at least 0"
         ));
         let err = Config::load(None, env(&[("IDEM_HANDLER", "teleport")])).unwrap_err();
-        assert!(format!("{err:#}").contains("unknown variant `teleport`, expected `ledger`"));
+        assert!(
+            format!("{err:#}").contains("unknown variant `teleport`, expected `ledger` or `http`")
+        );
         let mut c = Config {
             topics: vec!["t".into()],
             ..Config::default()
@@ -1022,5 +1024,129 @@ window_secs = 7200
             .unwrap_err()
             .to_string()
             .contains("exactly one of `fields`"));
+    }
+
+    #[test]
+    fn sidecar_sections_are_validated_and_set_from_the_environment() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("IDEM_TOPICS", "t"),
+                ("IDEM_HANDLER", "http"),
+                ("IDEM_HTTP__URL", "http://app:8080/hook"),
+                ("IDEM_RETRY__MAX_ATTEMPTS", "3"),
+                ("IDEM_RETRY__ON_EXHAUSTED", "dead_letter"),
+                ("IDEM_METRICS__LISTEN", ""),
+            ]),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.http.url, "http://app:8080/hook");
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.retry.on_exhausted, OnExhausted::DeadLetter);
+        assert_eq!(c.metrics.listen, "");
+        let err = Config::load(None, env(&[("IDEM_RETRY__MAX_ATTEMPTS", "x")])).unwrap_err();
+        assert!(format!("{err:#}")
+            .contains("IDEM_RETRY__MAX_ATTEMPTS: `max_attempts` must be a whole number"));
+        let c = Config::load(None, env(&[("IDEM_HTTP__URLL", "x")])).unwrap();
+        assert_eq!(c.warnings.len(), 1);
+
+        let base = Config {
+            topics: vec!["t".into()],
+            handler: HandlerKind::Http,
+            ..Config::default()
+        };
+        let bad = |f: &dyn Fn(&mut Config), needle: &str| {
+            let mut c = base.clone();
+            f(&mut c);
+            let e = format!("{:#}", c.validate().unwrap_err());
+            assert!(e.contains(needle), "{e}");
+        };
+        bad(
+            &|c| c.http.url = "https://app/x".into(),
+            "`http.url` must be an http:// URL",
+        );
+        bad(
+            &|c| c.http.url = "http:///x".into(),
+            "`http.url` must name a host",
+        );
+        bad(
+            &|c| c.http.request_timeout_ms = 0,
+            "`http.request_timeout_ms` must be between 1 and 3600000, got 0",
+        );
+        bad(
+            &|c| c.http.max_in_flight = 0,
+            "`http.max_in_flight` must be between 1 and 1024",
+        );
+        bad(
+            &|c| c.http.content_type = "a\nb".into(),
+            "`http.content_type` must be \"auto\" or a media type",
+        );
+        bad(
+            &|c| c.http.header_prefix = "X Kafka".into(),
+            "`http.header_prefix` must be letters, digits and -",
+        );
+        bad(
+            &|c| c.http.reply_topic = "t".into(),
+            "`http.reply_topic` must differ from the source topics",
+        );
+        bad(&|c| c.retry.max_delay_ms = 1, "`retry.max_delay_ms` must be between `retry.initial_delay_ms` (200) and 3600000, got 1");
+        bad(
+            &|c| c.retry.max_attempts = 0,
+            "`retry.max_attempts` must be between 1 and 1000000",
+        );
+        bad(
+            &|c| c.metrics.listen = "localhost:9464".into(),
+            "`metrics.listen` must be host:port with a numeric host",
+        );
+        let mut ledger_reply = base.clone();
+        ledger_reply.handler = HandlerKind::Ledger;
+        ledger_reply.http.reply_topic = "r".into();
+        assert!(ledger_reply
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("needs `handler = \"http\"`"));
+        let err = Config::load(None, env(&[("IDEM_RETRY__ON_EXHAUSTED", "skip")])).unwrap_err();
+        assert!(format!("{err:#}")
+            .contains("unknown variant `skip`, expected `pause` or `dead_letter`"));
+    }
+
+    #[test]
+    fn kafka_secrets_are_read_from_the_environment_or_a_file_and_never_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("pw");
+        std::fs::write(&secret, "s3cr3t-from-file\n").unwrap();
+        let mut c = Config {
+            topics: vec!["t".into()],
+            ..Config::default()
+        };
+        c.kafka.insert(
+            "sasl.password".into(),
+            toml::Value::String(format!("${{file:{}}}", secret.display())),
+        );
+        c.kafka.insert(
+            "sasl.username".into(),
+            toml::Value::String("${env:IDEM_TEST_SECRET_USER}".into()),
+        );
+        let err = format!("{:#}", c.validate().unwrap_err());
+        assert!(err.contains("`kafka.\"sasl.username\"` = \"${env:IDEM_TEST_SECRET_USER}\": the environment variable IDEM_TEST_SECRET_USER is not set"), "{err}");
+        // SAFETY of the test: no other test reads this variable.
+        std::env::set_var("IDEM_TEST_SECRET_USER", "alice");
+        c.validate().unwrap();
+        let props: BTreeMap<String, String> = c.kafka_properties().unwrap().into_iter().collect();
+        assert_eq!(props["sasl.password"], "s3cr3t-from-file");
+        assert_eq!(props["sasl.username"], "alice");
+        std::fs::remove_file(&secret).unwrap();
+        let err = format!("{:#}", c.validate().unwrap_err());
+        assert!(err.contains("cannot read the file"), "{err}");
+        assert!(!err.contains("s3cr3t"), "{err}");
+        c.kafka.remove("sasl.password");
+        c.kafka.insert(
+            "ssl.key.password".into(),
+            toml::Value::String("${vault:x}".into()),
+        );
+        assert!(format!("{:#}", c.validate().unwrap_err())
+            .contains("must be ${env:NAME} or ${file:/path}"));
     }
 }

@@ -188,3 +188,127 @@ fn sigterm_stops_in_time_commits_what_is_durable_and_restart_reprocesses_nothing
     assert_eq!(ledger::balances(&s).unwrap(), workload.expected_balances());
     assert_eq!(committed(&group, &topic, 4), log_end(&topic, 4));
 }
+
+/// A broker of this test's own, which it can stop.
+struct OwnBroker {
+    dir: tempfile::TempDir,
+    addr: String,
+}
+
+impl OwnBroker {
+    fn start() -> OwnBroker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let root = env!("CARGO_MANIFEST_DIR");
+        let out = Command::new(format!("{root}/deploy/broker.sh"))
+            .args(["start", &port.to_string()])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        OwnBroker { dir, addr }
+    }
+
+    fn stop(&self) {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let out = Command::new(format!("{root}/deploy/broker.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let _ = Command::new(format!("{root}/deploy/broker.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+#[test]
+fn sigterm_with_the_broker_gone_still_exits_within_the_deadline_and_keeps_what_is_durable() {
+    let broker = OwnBroker::start();
+    let topic = unique("gone");
+    let group = unique("idem");
+    let admin_cfg = {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &broker.addr);
+        c
+    };
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        admin_cfg.create().unwrap();
+    let t = rdkafka::admin::NewTopic::new(&topic, 2, rdkafka::admin::TopicReplication::Fixed(1));
+    futures::executor::block_on(admin.create_topics([&t], &rdkafka::admin::AdminOptions::new()))
+        .unwrap();
+    let workload = Workload::generate(&WorkloadSpec {
+        unique: 20_000,
+        resends: 0,
+        conflicts: 0,
+        partitions: 2,
+        ..WorkloadSpec::default()
+    });
+    workload.produce(&broker.addr, &topic).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+    cmd.args([
+        "run",
+        "--brokers",
+        &broker.addr,
+        "--group-id",
+        &group,
+        "--topic",
+        &topic,
+    ])
+    .arg("--store-dir")
+    .arg(&store)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    for (k, v) in child_env() {
+        cmd.env(k, v);
+    }
+    cmd.env("IDEM_SHUTDOWN_TIMEOUT_SECS", "5")
+        .env("IDEM_BATCH_SIZE", "10")
+        .env("IDEM_KAFKA__MESSAGE_TIMEOUT_MS", "300000");
+    let mut child = cmd.spawn().unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while progress(&store) < 200 {
+        assert!(Instant::now() < until, "worker made no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = progress(&store);
+    let sent = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    // The deadline is 5 s; 15 s leaves room for a loaded machine, far below
+    // librdkafka's own timeouts (a minute and more) that would otherwise
+    // hold the process.
+    let status = wait_with_deadline(&mut child, Duration::from_secs(15));
+    let took = sent.elapsed();
+    let out = stdout_of(child);
+    eprintln!("exited with {status} after {took:?}: {out}");
+    // Whatever it could not commit stays durable in the store, for the next
+    // start to resume from.
+    let after = progress(&store);
+    assert!(after >= before && after >= 200, "{before} -> {after}");
+    assert!(out.contains("\"summary\""), "no summary on stdout: {out}");
+}

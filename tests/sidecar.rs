@@ -332,3 +332,94 @@ fn a_duplicate_gets_the_stored_response_on_the_reply_topic_without_a_call() {
         format!("{{\"payment\":\"{third}\",\"attempt\":1}}").as_bytes()
     );
 }
+
+#[test]
+fn one_message_failing_for_ever_holds_its_partition_at_its_offset_while_the_others_finish() {
+    let topic = unique("sidecar-poison");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    let w = Workload::generate(&WorkloadSpec {
+        unique: 800,
+        resends: 0,
+        conflicts: 0,
+        partitions: 4,
+        ..WorkloadSpec::default()
+    });
+    w.produce(&brokers(), &topic).unwrap();
+    // The 100th event of partition 2 fails until the test lets it through.
+    let on_2: Vec<&str> = w
+        .messages
+        .iter()
+        .filter(|m| m.partition == 2)
+        .map(|m| m.event.event_id.as_str())
+        .collect();
+    let poison = on_2[100].to_string();
+    let healed = Arc::new(AtomicBool::new(false));
+    let (p, h) = (poison.clone(), healed.clone());
+    let app = App::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(move |id: &str, _: usize| {
+            if id == p && !h.load(std::sync::atomic::Ordering::SeqCst) {
+                Answer::Status(503, "not yet".into(), None)
+            } else {
+                Answer::Status(200, "ok".into(), None)
+            }
+        }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&topic, &group, dir.path());
+    quick_retries(&mut config, 4, OnExhausted::Pause);
+    config.http.url = app.url();
+    config.batch_size = 50;
+    let worker = sidecar(config);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let running = std::thread::spawn(move || worker.run(flag, StopWhen::Shutdown));
+
+    let end = log_end(&topic, 4);
+    let mut held = end.clone();
+    held[2] = 100;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while committed(&group, &topic, 4) != held {
+        assert!(
+            Instant::now() < deadline,
+            "committed {:?}, expected {held:?}",
+            committed(&group, &topic, 4)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // It stays there: a few retries later nothing has moved past it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(committed(&group, &topic, 4), held);
+    let calls = app.calls();
+    assert!(calls.iter().filter(|c| c.event_id == poison).count() >= 4);
+    assert!(
+        !calls.iter().any(|c| c.event_id == on_2[101]),
+        "a message behind the held one reached the application"
+    );
+
+    healed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while committed(&group, &topic, 4) != end {
+        assert!(Instant::now() < deadline, "did not finish after healing");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let summary = running.join().unwrap().unwrap();
+    assert_eq!(summary.handled, 800);
+    let calls = app.calls();
+    let ok: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.status == 200)
+        .map(|c| c.event_id.as_str())
+        .collect();
+    assert_eq!(ok.len(), 800, "each event handled once");
+    // Partition 2 reached the application in offset order.
+    let order: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.headers.get("idem-partition").map(String::as_str) == Some("2"))
+        .filter(|c| c.status == 200)
+        .map(|c| c.event_id.as_str())
+        .collect();
+    assert_eq!(order, on_2);
+}
