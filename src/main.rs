@@ -3,8 +3,11 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use idem::config::{Config, ResumeFrom};
-use idem::pipeline::{StopWhen, Worker};
+use idem::pipeline::{Stats, StopWhen, StoreStuck, Worker};
 use idem::replay::{Position, Replay};
+use idem::shutdown::Signals;
+use idem::store::StoreError;
+use idem::telemetry::server::Health;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -282,22 +285,27 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("{w}");
     }
     let deadline = Duration::from_secs(config.shutdown_timeout_secs);
-    let handler = idem::handler::for_config(&config)?;
-    let listen = config.metrics.listen.clone();
-    let worker = Worker::with_handler(config, handler, Arc::new(idem::clock::SystemClock))?;
-    if !listen.is_empty() {
-        let addr = listen
-            .parse()
-            .with_context(|| format!("`metrics.listen` {listen:?} is not host:port"))?;
-        idem::telemetry::server::serve(addr, worker.health())?;
+    let stall =
+        Duration::from_millis(config.http.request_timeout_ms) * 3 + Duration::from_secs(120);
+    let health = Health::new(stall);
+    let stats = Arc::new(Stats::default());
+    let signals = Signals::install()?;
+    if !config.metrics.listen.is_empty() {
+        let addr = config.metrics.listen.parse().with_context(|| {
+            format!(
+                "`metrics.listen` {:?} is not host:port",
+                config.metrics.listen
+            )
+        })?;
+        idem::telemetry::server::serve(addr, health.clone())?;
     }
-    let stats = worker.stats();
     let stop = if args.until_caught_up {
         StopWhen::CaughtUp
     } else {
         StopWhen::Shutdown
     };
-    match idem::shutdown::run_until_signal(worker, stop, deadline) {
+    let outcome = supervise(&config, stop, deadline, &signals, &health, &stats);
+    match outcome {
         Ok(summary) => {
             println!("{}", serde_json::json!({ "summary": summary }));
             Ok(ExitCode::SUCCESS)
@@ -309,6 +317,66 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 serde_json::json!({ "summary": stats.snapshot(), "error": format!("{e:#}") })
             );
             Err(e)
+        }
+    }
+}
+
+/// Whether an error is a store failure that may pass by itself.
+fn store_may_recover(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<StoreStuck>().is_some()
+            || c.downcast_ref::<StoreError>()
+                .is_some_and(StoreError::is_transient)
+    })
+}
+
+/// Runs workers until one finishes or a signal stops it. A store that
+/// cannot be opened or written for a reason that may pass (a full disk, an
+/// I/O error) fails closed: nothing is handled, `/readyz` says why, the error
+/// is logged once a minute, and the store is opened again with backoff until
+/// it works. A damaged store or a bad configuration ends the run.
+fn supervise(
+    config: &Config,
+    stop: StopWhen,
+    deadline: Duration,
+    signals: &Signals,
+    health: &Arc<Health>,
+    stats: &Arc<Stats>,
+) -> anyhow::Result<idem::pipeline::RunSummary> {
+    let policy = idem::pipeline::RetryPolicy::from(&config.retry);
+    let mut attempt = 0u32;
+    let mut logged: Option<std::time::Instant> = None;
+    loop {
+        let started = idem::handler::for_config(config).and_then(|handler| {
+            Worker::with_parts(
+                config.clone(),
+                handler,
+                Arc::new(idem::clock::SystemClock),
+                health.clone(),
+                stats.clone(),
+            )
+        });
+        let error = match started {
+            Ok(worker) => match idem::shutdown::run_until_signal(worker, stop, deadline, signals) {
+                Ok(summary) => return Ok(summary),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if signals.raised_at().is_some() || !store_may_recover(&error) {
+            return Err(error);
+        }
+        attempt += 1;
+        let delay = policy.delay(attempt, None).max(Duration::from_millis(100));
+        let text = format!("{error:#}");
+        health.set_failing(Some(text.clone()));
+        if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            logged = Some(std::time::Instant::now());
+            tracing::error!(error = %text, attempt, retry_in_ms = delay.as_millis() as u64,
+                "the dedup store cannot be used: nothing is handled until it can (fail closed; logged once a minute)");
+        }
+        if signals.sleep(delay) {
+            return Err(error.context("stopped by a signal while waiting for the store"));
         }
     }
 }

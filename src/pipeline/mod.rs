@@ -60,6 +60,25 @@ const CAUGHT_UP_CHECK: Duration = Duration::from_millis(500);
 /// How often the lag and store gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How many probe writes in a row may fail before the worker stops so that
+/// its store can be reopened: RocksDB keeps the error of a failed write (a
+/// full disk, an I/O error) until the database is opened again.
+const REOPEN_AFTER_PROBES: u32 = 5;
+
+/// The store failed [`REOPEN_AFTER_PROBES`] probe writes in a row: the
+/// worker stopped (having committed nothing past its durable state) so that
+/// the caller reopens the store and starts it again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the dedup store failed {probes} probe writes in a row (last: {last}); it must be reopened"
+)]
+pub struct StoreStuck {
+    /// Probe writes that failed.
+    pub probes: u32,
+    /// The last error.
+    pub last: String,
+}
+
 /// When the loop stops by itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum StopWhen {
@@ -102,6 +121,27 @@ impl Worker {
         handler: AnyHandler,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
+        let stall =
+            Duration::from_millis(config.http.request_timeout_ms) * 3 + Duration::from_secs(120);
+        Self::with_parts(
+            config,
+            handler,
+            clock,
+            Health::new(stall),
+            Arc::new(Stats::default()),
+        )
+    }
+
+    /// A worker reporting to existing health state and counters: for a
+    /// caller that starts a new worker after the last one's store failed, so
+    /// that `/readyz` and the counters carry over.
+    pub fn with_parts(
+        config: Config,
+        handler: AnyHandler,
+        clock: Arc<dyn Clock>,
+        health: Arc<Health>,
+        stats: Arc<Stats>,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         std::fs::create_dir_all(&config.store_dir).with_context(|| {
             format!(
@@ -118,9 +158,6 @@ impl Worker {
         let store = DedupStore::open(&config.store_dir, opts, clock).with_context(|| {
             format!("opening the dedup store in {}", config.store_dir.display())
         })?;
-        let stall =
-            Duration::from_millis(config.http.request_timeout_ms) * 3 + Duration::from_secs(120);
-        let health = Health::new(stall);
         if let AnyHandler::Remote(h) = &handler {
             health.set_handler(h.clone());
         }
@@ -128,7 +165,7 @@ impl Worker {
             config,
             store: Arc::new(store),
             handler,
-            stats: Arc::new(Stats::default()),
+            stats,
             health,
         })
     }
@@ -205,13 +242,19 @@ impl Worker {
             uncommitted: BTreeMap::new(),
             parked: HashMap::new(),
             generation_seen: 0,
+            failing: None,
+            probe_failures: 0,
+            last_probe_error: String::new(),
         };
+        m::degraded(false, 0);
+        // The store opened: whatever failed before this worker is over.
+        health.set_failing(None);
         let linger = Duration::from_millis(config.batch_linger_ms);
         let expiry_interval = MAX_EXPIRY_INTERVAL.min(Duration::from_secs(config.bucket_secs));
         let mut last_expiry = Instant::now();
         let mut last_caught_up_check = Instant::now();
         let mut last_gauges: Option<Instant> = None;
-        let mut result = Ok(());
+        let mut result: anyhow::Result<()> = Ok(());
         let mut first_message_at: Option<Instant> = None;
         while !shutdown.load(Ordering::SeqCst) {
             health.beat();
@@ -227,12 +270,16 @@ impl Worker {
                 }
             } else {
                 let began = *first_message_at.get_or_insert_with(Instant::now);
-                if let Err(e) = looper.process(batch) {
-                    health.set_store_failing(true);
-                    result = Err(e);
+                looper.process_or_hold(batch, &store);
+                stats.set_processing_ms(began.elapsed().as_millis() as u64);
+                if looper.probe_failures >= REOPEN_AFTER_PROBES {
+                    result = Err(StoreStuck {
+                        probes: looper.probe_failures,
+                        last: looper.last_probe_error.clone(),
+                    }
+                    .into());
                     break;
                 }
-                stats.set_processing_ms(began.elapsed().as_millis() as u64);
             }
             if last_expiry.elapsed() >= expiry_interval {
                 last_expiry = Instant::now();
@@ -245,7 +292,10 @@ impl Worker {
                 looper.refresh_gauges(&store);
             }
         }
-        health.set_stopping();
+        if result.is_ok() {
+            // Not when stopping for a reopen: the next worker goes on.
+            health.set_stopping();
+        }
         looper.commit_pending();
         consumer.unsubscribe();
         stats.set_clock_clamps(store.clock_clamps());
@@ -280,7 +330,23 @@ struct Loop<'a> {
     /// Partitions waiting for a retry (paused in the consumer).
     parked: HashMap<TopicPartition, Parked>,
     generation_seen: u64,
+    /// Set while batches cannot be made durable.
+    failing: Option<Failing>,
+    /// Probe writes that failed in a row.
+    probe_failures: u32,
+    last_probe_error: String,
 }
+
+/// Batches cannot be made durable (the store, a dead letter or a reply
+/// cannot be written): the worker fails closed.
+struct Failing {
+    since: Instant,
+    failures: u32,
+    logged: Instant,
+}
+
+/// How often a failing worker repeats its error log.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 fn one_partition(tp: &TopicPartition) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
@@ -404,9 +470,82 @@ impl Loop<'_> {
         }
     }
 
-    fn process(&mut self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
-        let result = self.processor.process(&batch)?;
-        self.health.set_store_failing(false);
+    /// Processes a batch; when it cannot be made durable, holds it back
+    /// instead (fail closed): every partition of the batch waits at its
+    /// first message, nothing is committed, `/readyz` says why, the error is
+    /// logged once a minute, and the batch is tried again with backoff. While
+    /// failing, a batch is tried only after the store takes a probe write, so
+    /// a broken store costs no handler call.
+    fn process_or_hold(&mut self, batch: Vec<OwnedMessage>, store: &DedupStore) {
+        if self.failing.is_some() {
+            if let Err(e) = store.probe() {
+                self.probe_failures += 1;
+                self.last_probe_error = e.to_string();
+                self.hold(
+                    anyhow::Error::new(e).context("the dedup store still cannot be written"),
+                    batch,
+                );
+                return;
+            }
+            self.probe_failures = 0;
+        }
+        let result = match self.processor.process(&batch) {
+            Ok(r) => r,
+            Err(e) => {
+                self.hold(e, batch);
+                return;
+            }
+        };
+        self.probe_failures = 0;
+        if let Some(f) = self.failing.take() {
+            tracing::warn!(
+                failures = f.failures,
+                down_ms = f.since.elapsed().as_millis() as u64,
+                "batches are durable again: resuming"
+            );
+            self.health.set_failing(None);
+        }
+        self.after(batch, result);
+    }
+
+    fn hold(&mut self, e: anyhow::Error, batch: Vec<OwnedMessage>) {
+        let now = Instant::now();
+        let f = self.failing.get_or_insert(Failing {
+            since: now,
+            failures: 0,
+            logged: now - FAILURE_LOG_INTERVAL,
+        });
+        f.failures += 1;
+        let delay = self
+            .processor
+            .retry
+            .delay(f.failures, None)
+            .max(Duration::from_millis(50));
+        let text = format!("{e:#}");
+        if f.logged.elapsed() >= FAILURE_LOG_INTERVAL {
+            f.logged = now;
+            tracing::error!(error = %text, failures = f.failures, retry_in_ms = delay.as_millis() as u64,
+                "a batch could not be made durable: its partitions wait, nothing is committed, retrying (fail closed; logged once a minute)");
+        } else {
+            tracing::debug!(error = %text, failures = f.failures, "batch still not durable");
+        }
+        self.health.set_failing(Some(text));
+        self.stats.batch_failed();
+        let mut deferred = BTreeMap::new();
+        for m in &batch {
+            deferred
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert(Deferral {
+                    offset: m.offset(),
+                    delay,
+                    held: false,
+                });
+        }
+        self.park(batch, &deferred);
+        m::degraded(true, self.parked.len());
+    }
+
+    fn after(&mut self, batch: Vec<OwnedMessage>, result: BatchResult) {
         self.stats.add_batch(&result.counts);
         count_outcomes(&batch, &result);
         for (tp, next) in &result.next_offsets {
@@ -420,7 +559,6 @@ impl Loop<'_> {
         let held = self.parked.values().filter(|p| p.held).count();
         self.health.set_held_partitions(held);
         m::degraded(held > 0, self.parked.len());
-        Ok(())
     }
 
     /// Holds back the messages of deferred partitions from their deferred

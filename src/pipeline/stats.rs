@@ -28,6 +28,7 @@ pub struct Stats {
     dead_letters_written: AtomicU64,
     batches: AtomicU64,
     commit_failures: AtomicU64,
+    batch_failures: AtomicU64,
     processing_ms: AtomicU64,
 }
 
@@ -79,6 +80,9 @@ pub struct RunSummary {
     pub batches: u64,
     /// Offset commits that failed and were retried later.
     pub commit_failures: u64,
+    /// Batches that could not be made durable (store, dead-letter or reply
+    /// write failed) and were held back and tried again (fail closed).
+    pub batch_failures: u64,
     /// Milliseconds from the first message polled to the last batch
     /// committed: the busy time, without start-up and idle waits at the end.
     pub processing_ms: u64,
@@ -170,6 +174,11 @@ impl Stats {
         self.clock_clamps.store(n, Ordering::Relaxed);
     }
 
+    /// Counts a batch that could not be made durable.
+    pub fn batch_failed(&self) {
+        self.batch_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a failed offset commit.
     pub fn commit_failed(&self) {
         self.commit_failures.fetch_add(1, Ordering::Relaxed);
@@ -198,6 +207,7 @@ impl Stats {
             dead_letters_written: g(&self.dead_letters_written),
             batches: g(&self.batches),
             commit_failures: g(&self.commit_failures),
+            batch_failures: g(&self.batch_failures),
             processing_ms: g(&self.processing_ms),
         }
     }

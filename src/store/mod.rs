@@ -149,6 +149,30 @@ pub enum StoreError {
     UnknownColumnFamily(String),
 }
 
+impl StoreError {
+    /// True for failures that may pass by themselves (a full disk, a
+    /// read-only or unreachable filesystem, an I/O error), for which the
+    /// worker waits and retries; false for a store that is damaged or not
+    /// the one configured, which needs an operator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Rocks { cause, .. } => matches!(
+                cause.kind(),
+                rocksdb::ErrorKind::IOError
+                    | rocksdb::ErrorKind::Busy
+                    | rocksdb::ErrorKind::TimedOut
+                    | rocksdb::ErrorKind::TryAgain
+                    | rocksdb::ErrorKind::Aborted
+                    | rocksdb::ErrorKind::Incomplete
+            ),
+            StoreError::Io { .. }
+            | StoreError::Full { .. }
+            | StoreError::FullAtOneBucket { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 fn rocks(action: impl Into<String>) -> impl FnOnce(rocksdb::Error) -> StoreError {
     let action = action.into();
     move |cause| StoreError::Rocks { action, cause }
@@ -641,6 +665,22 @@ impl DedupStore {
         self.db
             .write_opt(wb, &wo)
             .map_err(rocks("write a batch of dedup records"))
+    }
+
+    /// Checks that the store takes a synced write now (the clock high-water
+    /// mark, rewritten as it is): the worker calls it before handling
+    /// anything again after a failed batch, so that a broken store costs no
+    /// handler call.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        let now = self.processing_time();
+        let meta = self.cf(META_CF)?;
+        let mut wb = WriteBatch::default();
+        wb.put_cf(&meta, META_HWM, (now as u64).to_be_bytes());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.opts.sync);
+        self.db
+            .write_opt(wb, &wo)
+            .map_err(rocks("write a probe record"))
     }
 
     /// Drops every bucket whose end is at least a window old at processing

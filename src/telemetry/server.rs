@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Default)]
 pub struct Health {
     assigned: AtomicBool,
-    store_failing: AtomicBool,
+    failing: Mutex<Option<String>>,
     stopping: AtomicBool,
     held_partitions: AtomicU64,
     /// Unix ms of the last turn of the pipeline loop.
@@ -60,9 +60,10 @@ impl Health {
         self.assigned.store(assigned, Ordering::Relaxed);
     }
 
-    /// Whether the last store write failed.
-    pub fn set_store_failing(&self, failing: bool) {
-        self.store_failing.store(failing, Ordering::Relaxed);
+    /// Why the last batch could not be made durable (the store, a dead
+    /// letter or a reply could not be written), or `None` once one was.
+    pub fn set_failing(&self, why: Option<String>) {
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
     /// Partitions held at a message whose retries ran out.
@@ -89,8 +90,13 @@ impl Health {
         if !self.assigned.load(Ordering::Relaxed) {
             out.push("no partition assigned".to_string());
         }
-        if self.store_failing.load(Ordering::Relaxed) {
-            out.push("the dedup store cannot be written".to_string());
+        if let Some(why) = self
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            out.push(format!("batches cannot be made durable ({why})"));
         }
         let handler = self.handler.lock().unwrap_or_else(|e| e.into_inner());
         if handler.as_ref().is_some_and(|h| !h.reachable()) {

@@ -1,0 +1,201 @@
+//! Failure modes with real faults: a store on a filesystem that fills up
+//! (a size-limited tmpfs mounted by the test), and a store that is damaged at
+//! start-up. Exact counts: balances, applied-counts, committed offsets.
+
+mod common;
+
+use common::*;
+use idem::handler::ledger;
+use idem::store::DedupStore;
+use idem::workload::{Workload, WorkloadSpec};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A tmpfs of a given size, mounted for the test and unmounted after.
+struct Tmpfs {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` when this machine does not let the test mount (no
+    /// CAP_SYS_ADMIN); the test then says so and does nothing.
+    fn mount(size_mb: u64) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs {
+            path: dir.path().to_path_buf(),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Keeps the filesystem of `dir` full to the last byte (space that idem
+/// frees, e.g. an old WAL deleted on reopen, is taken again at once) until
+/// the returned flag is cleared; then removes the filler file.
+fn keep_full(dir: &Path) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let on = Arc::new(AtomicBool::new(true));
+    let flag = on.clone();
+    let fill = move |f: &mut std::fs::File| {
+        use std::io::Write as _;
+        for size in [1 << 20, 4096, 1] {
+            let block = vec![0u8; size];
+            while f.write_all(&block).is_ok() {}
+        }
+    };
+    fill(&mut f);
+    let handle = std::thread::spawn(move || {
+        while flag.load(Ordering::SeqCst) {
+            fill(&mut f);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(f);
+        std::fs::remove_file(&filler).unwrap();
+    });
+    (on, handle)
+}
+
+fn ready(addr: std::net::SocketAddr) -> (u16, String) {
+    match reqwest::blocking::get(format!("http://{addr}/readyz")) {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+#[test]
+fn a_full_disk_holds_every_partition_until_space_returns_then_each_event_applies_once() {
+    // Smaller than RocksDB's WAL preallocation (1.1 x the 64 MiB write
+    // buffer), which then fails (it is only a hint): the WAL takes space as
+    // it grows, and a full disk fails the next write.
+    let Some(fs) = Tmpfs::mount(40) else {
+        eprintln!("SKIPPED: this machine does not allow mounting a tmpfs (needs CAP_SYS_ADMIN)");
+        return;
+    };
+    let topic = unique("enospc");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    let spec = WorkloadSpec {
+        unique: 18_000,
+        resends: 1_800,
+        conflicts: 200,
+        ..WorkloadSpec::default()
+    };
+    let w = Workload::generate(&spec);
+    w.produce(&brokers(), &topic).unwrap();
+    let store_dir = fs.path.join("store");
+    let ops = common::app::free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+    cmd.args([
+        "run",
+        "--brokers",
+        &brokers(),
+        "--group-id",
+        &group,
+        "--topic",
+        &topic,
+    ])
+    .arg("--store-dir")
+    .arg(&store_dir)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    for (k, v) in child_env() {
+        cmd.env(k, v);
+    }
+    cmd.env("IDEM_METRICS__LISTEN", ops.to_string())
+        .env("IDEM_BATCH_SIZE", "20")
+        .env("IDEM_RETRY__INITIAL_DELAY_MS", "50")
+        .env("IDEM_RETRY__MAX_DELAY_MS", "500");
+    let child = cmd.spawn().unwrap();
+
+    let until = Instant::now() + Duration::from_secs(60);
+    while progress(&store_dir) < 1_000 {
+        assert!(Instant::now() < until, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (full, filler) = keep_full(&fs.path);
+    // Broken: /readyz says why, and nothing moves any more.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = ready(ops);
+        if status == 503 && body.contains("No space left on device") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the full disk was never reported: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let held_at = progress(&store_dir);
+    let committed_at = committed(&group, &topic, 4);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(progress(&store_dir), held_at, "the store moved while full");
+    assert_eq!(
+        committed(&group, &topic, 4),
+        committed_at,
+        "offsets moved while full"
+    );
+    assert!(
+        held_at < 20_000,
+        "the disk filled after the end; nothing tested"
+    );
+    assert_eq!(ready(ops).0, 503);
+
+    // Space returns: the worker reopens its store by itself and finishes.
+    full.store(false, Ordering::SeqCst);
+    filler.join().unwrap();
+    let end = log_end(&topic, 4);
+    let until = Instant::now() + Duration::from_secs(90);
+    while committed(&group, &topic, 4) != end {
+        assert!(
+            Instant::now() < until,
+            "did not resume after space returned: {:?}, {:?}",
+            committed(&group, &topic, 4),
+            ready(ops)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = ready(ops);
+    assert_eq!(status, 200, "{body}");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", out.status);
+    let summary = parse_summary(&String::from_utf8_lossy(&out.stdout));
+    eprintln!("full disk: held at {held_at} of 20000; {summary}");
+    assert_eq!(summary["handled"], spec.unique as u64);
+    assert_eq!(summary["duplicates"], spec.resends as u64);
+    assert_eq!(summary["conflicts"], spec.conflicts as u64);
+    assert!(summary["batch_failures"].as_u64().unwrap() >= 5);
+    let store = DedupStore::open_read_only(&store_dir).unwrap();
+    assert_eq!(ledger::balances(&store).unwrap(), w.expected_balances());
+    let applied = ledger::applied_counts(&store).unwrap();
+    assert_eq!(applied.len(), spec.unique);
+    assert_eq!(applied.values().max(), Some(&1));
+}
+
+fn progress(store: &Path) -> i64 {
+    DedupStore::open_read_only(store)
+        .and_then(|s| s.checkpoints())
+        .map(|c| c.iter().map(|(_, _, n)| n).sum())
+        .unwrap_or(0)
+}
