@@ -246,6 +246,9 @@ pub struct Config {
     /// What happens over `max_store_bytes`: `fail_closed` (stop handling)
     /// or `drop_oldest` (forget the oldest keys early, loudly).
     pub on_store_full: OnStoreFull,
+    /// Largest payload handled, bytes; a larger one is dead-lettered
+    /// (`too_large`, without its payload). 0: no limit but the fetch limit.
+    pub max_payload_bytes: usize,
     /// Most messages in one batch (one RocksDB write, one fsync).
     pub batch_size: usize,
     /// How long to wait for a batch to fill, milliseconds.
@@ -302,6 +305,7 @@ impl Default for Config {
             bucket_clock: BucketClock::Processing,
             max_store_bytes: 0,
             on_store_full: OnStoreFull::FailClosed,
+            max_payload_bytes: 0,
             batch_size: 500,
             batch_linger_ms: 10,
             dead_letter_topic: "{topic}.dlq".into(),
@@ -347,6 +351,7 @@ const ENV_FIELDS: &[(&str, Kind)] = &[
     ("bucket_clock", Kind::Str),
     ("max_store_bytes", Kind::Int),
     ("on_store_full", Kind::Str),
+    ("max_payload_bytes", Kind::Int),
     ("batch_size", Kind::Int),
     ("batch_linger_ms", Kind::Int),
     ("dead_letter_topic", Kind::Str),
@@ -471,7 +476,8 @@ impl Config {
                 format: o.payload_format.unwrap_or(self.payload_format),
             }
         };
-        let mut decider = crate::pipeline::Decider::new(rule(&TopicRules::default()));
+        let mut decider = crate::pipeline::Decider::new(rule(&TopicRules::default()))
+            .with_max_payload(self.max_payload_bytes);
         for (topic, o) in &self.topic_rules {
             decider = decider.with_topic(topic, rule(o));
         }
@@ -616,6 +622,7 @@ impl Config {
                 resolve_secret(key, s)?;
             }
         }
+        crate::kafka::check_properties(self)?;
         self.validate_http()?;
         self.validate_retry()?;
         if !self.metrics.listen.is_empty()
@@ -632,18 +639,7 @@ impl Config {
     fn validate_http(&self) -> anyhow::Result<()> {
         let h = &self.http;
         if self.handler == HandlerKind::Http {
-            let rest = h.url.strip_prefix("http://").with_context(|| {
-                format!(
-                    "`http.url` must be an http:// URL such as \"http://127.0.0.1:8080/events\", got {:?}",
-                    h.url
-                )
-            })?;
-            if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
-                bail!(
-                    "`http.url` must name a host: \"http://host:port/path\", got {:?}",
-                    h.url
-                );
-            }
+            validate_http_url(&h.url)?;
         }
         for (name, v, lo, hi) in [
             ("connect_timeout_ms", h.connect_timeout_ms, 1, 600_000),
@@ -672,19 +668,58 @@ impl Config {
                 h.keep_response_bytes
             );
         }
-        if h.content_type != CONTENT_TYPE_AUTO
-            && reqwest::header::HeaderValue::from_str(&h.content_type).is_err()
-        {
+        if self.handler == HandlerKind::Http {
+            // A batch waits for its slowest call (plus the 2 s lane budget);
+            // past max.poll.interval.ms librdkafka leaves the group.
+            let poll_interval = self
+                .kafka
+                .get("max.poll.interval.ms")
+                .and_then(|v| match v {
+                    toml::Value::Integer(i) => Some(*i as u64),
+                    toml::Value::String(s) => s.trim().parse().ok(),
+                    _ => None,
+                })
+                .unwrap_or(300_000);
+            if h.request_timeout_ms + 2_000 >= poll_interval {
+                bail!(
+                    "`http.request_timeout_ms` ({}) plus 2000 must stay below `kafka.\"max.poll.interval.ms\"` ({poll_interval}): a batch waits for its slowest call, and a worker that does not poll within max.poll.interval.ms loses its partitions",
+                    h.request_timeout_ms
+                );
+            }
+        }
+        if h.connect_timeout_ms > h.request_timeout_ms {
+            bail!(
+                "`http.connect_timeout_ms` ({}) must be at most `http.request_timeout_ms` ({}): the request timeout covers the connection",
+                h.connect_timeout_ms,
+                h.request_timeout_ms
+            );
+        }
+        if h.content_type != CONTENT_TYPE_AUTO && !is_media_type(&h.content_type) {
             bail!(
                 "`http.content_type` must be \"auto\" or a media type such as \"application/json\", got {:?}",
                 h.content_type
             );
         }
-        if reqwest::header::HeaderName::from_bytes(format!("{}x", h.header_prefix).as_bytes())
-            .is_err()
+        let prefix = h.header_prefix.to_ascii_lowercase();
+        let reserved = [
+            "idem",
+            "content-",
+            "transfer-",
+            "x-forwarded-",
+            "proxy-",
+            "sec-",
+        ];
+        if h.header_prefix.len() < 2
+            || !h.header_prefix.ends_with('-')
+            || !h
+                .header_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || reserved.iter().any(|r| prefix.starts_with(r))
         {
             bail!(
-                "`http.header_prefix` must be letters, digits and - (a header name prefix such as \"Kafka-Header-\"), got {:?}",
+                "`http.header_prefix` must be letters, digits and -, end with - and not start with {} (so that a Kafka header can never pose as one of idem's or HTTP's own), such as \"Kafka-Header-\"; got {:?}",
+                reserved.join(", "),
                 h.header_prefix
             );
         }
@@ -693,9 +728,14 @@ impl Config {
             if self.handler != HandlerKind::Http {
                 bail!("`http.reply_topic` needs `handler = \"http\"`: replies are the application's responses");
             }
-            if self.topics.contains(&h.reply_topic) {
+            if self.topics.contains(&h.reply_topic)
+                || self
+                    .topics
+                    .iter()
+                    .any(|t| self.dead_letter_topic_for(t) == h.reply_topic)
+            {
                 bail!(
-                    "`http.reply_topic` must differ from the source topics, got {:?}",
+                    "`http.reply_topic` must differ from the source topics and their dead-letter topics, got {:?}",
                     h.reply_topic
                 );
             }
@@ -728,10 +768,53 @@ impl Config {
     }
 }
 
+/// Checks `http.url`: `http://host[:port][/path]`, with no credentials
+/// (they would end up in logs and dead letters).
+fn validate_http_url(url: &str) -> anyhow::Result<()> {
+    let example = "such as \"http://127.0.0.1:8080/events\"";
+    let parsed = reqwest::Url::parse(url)
+        .with_context(|| format!("`http.url` must be an http:// URL {example}, got {url:?}"))?;
+    if parsed.scheme() != "http" {
+        bail!("`http.url` must be an http:// URL {example} (https is not supported: the application is beside idem), got {url:?}");
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        bail!("`http.url` must name a host, {example}; got {url:?}");
+    }
+    if parsed.port() == Some(0) {
+        bail!("`http.url` must name a port between 1 and 65535, got {url:?}");
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        bail!("`http.url` must not carry credentials (user:password@): they would be written to logs and dead letters");
+    }
+    if url.contains(char::is_whitespace) {
+        bail!("`http.url` must not contain spaces (percent-encode them as %20), got {url:?}");
+    }
+    Ok(())
+}
+
+/// True for `type/subtype` with optional parameters, as `Content-Type`
+/// takes it.
+fn is_media_type(s: &str) -> bool {
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    let (essence, params) = s.split_once(';').unwrap_or((s, ""));
+    let ok_params = params.is_empty() || reqwest::header::HeaderValue::from_str(params).is_ok();
+    match essence.trim_end().split_once('/') {
+        Some((t, sub)) => token(t) && token(sub) && ok_params,
+        None => false,
+    }
+}
+
 /// Reads a `${env:NAME}` or `${file:/path}` value of `[kafka]`; any other
 /// value is returned as it is. The error names the property, never the
 /// secret.
 fn resolve_secret(key: &str, value: &str) -> anyhow::Result<String> {
+    if value.starts_with("${") && !value.ends_with('}') {
+        bail!("`kafka.\"{key}\"`: a value that starts with ${{ must end with }} (${{env:NAME}} or ${{file:/path}})");
+    }
     let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else {
         return Ok(value.to_string());
     };
@@ -808,7 +891,7 @@ fn apply_env(
                 }
                 continue;
             };
-            let value = env_value(&name, field, *kind, raw)?;
+            let value = env_value(&name, &format!("{section}.{field}"), *kind, raw)?;
             let entry = table
                 .entry(section)
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -1047,7 +1130,7 @@ window_secs = 7200
         assert_eq!(c.metrics.listen, "");
         let err = Config::load(None, env(&[("IDEM_RETRY__MAX_ATTEMPTS", "x")])).unwrap_err();
         assert!(format!("{err:#}")
-            .contains("IDEM_RETRY__MAX_ATTEMPTS: `max_attempts` must be a whole number"));
+            .contains("IDEM_RETRY__MAX_ATTEMPTS: `retry.max_attempts` must be a whole number"));
         let c = Config::load(None, env(&[("IDEM_HTTP__URLL", "x")])).unwrap();
         assert_eq!(c.warnings.len(), 1);
 
@@ -1062,43 +1145,38 @@ window_secs = 7200
             let e = format!("{:#}", c.validate().unwrap_err());
             assert!(e.contains(needle), "{e}");
         };
-        bad(
-            &|c| c.http.url = "https://app/x".into(),
-            "`http.url` must be an http:// URL",
-        );
-        bad(
-            &|c| c.http.url = "http:///x".into(),
-            "`http.url` must name a host",
-        );
-        bad(
-            &|c| c.http.request_timeout_ms = 0,
-            "`http.request_timeout_ms` must be between 1 and 3600000, got 0",
-        );
-        bad(
-            &|c| c.http.max_in_flight = 0,
-            "`http.max_in_flight` must be between 1 and 1024",
-        );
-        bad(
-            &|c| c.http.content_type = "a\nb".into(),
-            "`http.content_type` must be \"auto\" or a media type",
-        );
-        bad(
-            &|c| c.http.header_prefix = "X Kafka".into(),
-            "`http.header_prefix` must be letters, digits and -",
-        );
-        bad(
-            &|c| c.http.reply_topic = "t".into(),
-            "`http.reply_topic` must differ from the source topics",
-        );
-        bad(&|c| c.retry.max_delay_ms = 1, "`retry.max_delay_ms` must be between `retry.initial_delay_ms` (200) and 3600000, got 1");
-        bad(
-            &|c| c.retry.max_attempts = 0,
-            "`retry.max_attempts` must be between 1 and 1000000",
-        );
-        bad(
-            &|c| c.metrics.listen = "localhost:9464".into(),
-            "`metrics.listen` must be host:port with a numeric host",
-        );
+        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+            (Box::new(|c| c.http.url = "https://app/x".into()), "`http.url` must be an http:// URL"),
+            (Box::new(|c| c.http.url = "http://:8080/x".into()), "`http.url` must be an http:// URL"),
+            (Box::new(|c| c.http.url = "http://127.0.0.1:0/x".into()), "must name a port between 1 and 65535"),
+            (Box::new(|c| c.http.url = "http://127.0.0.1:99999/x".into()), "`http.url` must be an http:// URL"),
+            (Box::new(|c| c.http.url = "http://u:SECRETPW@app/x".into()), "must not carry credentials"),
+            (Box::new(|c| c.http.url = "http://app/my events".into()), "must not contain spaces"),
+            (Box::new(|c| c.http.request_timeout_ms = 0), "`http.request_timeout_ms` must be between 1 and 3600000, got 0"),
+            (Box::new(|c| c.http.connect_timeout_ms = 20_000), "`http.connect_timeout_ms` (20000) must be at most `http.request_timeout_ms` (10000)"),
+            (Box::new(|c| c.http.max_in_flight = 0), "`http.max_in_flight` must be between 1 and 1024"),
+            (Box::new(|c| { c.http.request_timeout_ms = 60_000; c.kafka.insert("max.poll.interval.ms".into(), toml::Value::String("30000".into())); }), "plus 2000 must stay below `kafka.\"max.poll.interval.ms\"` (30000)"),
+            (Box::new(|c| c.http.content_type = "a\nb".into()), "`http.content_type` must be \"auto\" or a media type"),
+            (Box::new(|c| c.http.content_type = "not a type".into()), "`http.content_type` must be \"auto\" or a media type"),
+            (Box::new(|c| c.http.content_type = "".into()), "`http.content_type` must be \"auto\" or a media type"),
+            (Box::new(|c| c.http.header_prefix = "X Kafka-".into()), "`http.header_prefix` must be letters, digits and -, end with -"),
+            (Box::new(|c| c.http.header_prefix = "".into()), "`http.header_prefix` must be letters, digits and -, end with -"),
+            (Box::new(|c| c.http.header_prefix = "Idem-".into()), "`http.header_prefix` must be letters, digits and -, end with -"),
+            (Box::new(|c| c.http.header_prefix = "Content-".into()), "`http.header_prefix` must be letters, digits and -, end with -"),
+            (Box::new(|c| c.http.header_prefix = "Kafka".into()), "`http.header_prefix` must be letters, digits and -, end with -"),
+            (Box::new(|c| c.http.reply_topic = "t".into()), "`http.reply_topic` must differ from the source topics and their dead-letter topics"),
+            (Box::new(|c| c.http.reply_topic = "t.dlq".into()), "`http.reply_topic` must differ from the source topics and their dead-letter topics"),
+            (Box::new(|c| c.retry.max_delay_ms = 1), "`retry.max_delay_ms` must be between `retry.initial_delay_ms` (200) and 3600000, got 1"),
+            (Box::new(|c| c.retry.max_attempts = 0), "`retry.max_attempts` must be between 1 and 1000000"),
+            (Box::new(|c| c.metrics.listen = "localhost:9464".into()), "`metrics.listen` must be host:port with a numeric host"),
+        ];
+        for (f, needle) in &cases {
+            bad(f.as_ref(), needle);
+        }
+        let mut ok = base.clone();
+        ok.http.content_type = "application/json; charset=utf-8".into();
+        ok.http.url = "http://app.internal:8080/v1/events?src=idem".into();
+        ok.validate().unwrap();
         let mut ledger_reply = base.clone();
         ledger_reply.handler = HandlerKind::Ledger;
         ledger_reply.http.reply_topic = "r".into();
@@ -1148,5 +1226,23 @@ window_secs = 7200
         );
         assert!(format!("{:#}", c.validate().unwrap_err())
             .contains("must be ${env:NAME} or ${file:/path}"));
+        c.kafka.insert(
+            "ssl.key.password".into(),
+            toml::Value::String("${env:HOME".into()),
+        );
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("must end with }"));
+        // A misspelt property is refused by librdkafka at start-up, and the
+        // secret it carries is not echoed.
+        c.kafka.clear();
+        c.kafka.insert(
+            "sasl.pasword".into(),
+            toml::Value::String("${env:IDEM_TEST_SECRET_USER}".into()),
+        );
+        let err = format!("{:#}", c.validate().unwrap_err());
+        assert!(
+            err.contains("`kafka.\"sasl.pasword\"` is refused by librdkafka"),
+            "{err}"
+        );
+        assert!(!err.contains("alice"), "{err}");
     }
 }

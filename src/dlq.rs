@@ -32,6 +32,9 @@ pub enum DeadLetterKind {
     Conflict,
     /// The handler refused the message.
     Rejected,
+    /// The payload is over `max_payload_bytes` (the letter carries no
+    /// payload, only its size).
+    TooLarge,
     /// The handler could not finish it within the retry policy's attempts
     /// (`on_exhausted = "dead_letter"`).
     RetriesExhausted,
@@ -46,6 +49,7 @@ impl DeadLetterKind {
             Self::BadKey => "bad_key",
             Self::Conflict => "conflict",
             Self::Rejected => "rejected",
+            Self::TooLarge => "too_large",
             Self::RetriesExhausted => "retries_exhausted",
         }
     }

@@ -29,6 +29,41 @@ pub fn base_config(config: &Config) -> anyhow::Result<ClientConfig> {
     Ok(c)
 }
 
+/// Whether a `[kafka]` property holds a secret whose value must never be
+/// shown: a password or key, or a value read from the environment or a file.
+fn is_secret(key: &str, raw: Option<&toml::Value>) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "key", "token", "jaas"]
+        .iter()
+        .any(|w| k.contains(w))
+        || raw
+            .and_then(toml::Value::as_str)
+            .is_some_and(|v| v.starts_with("${"))
+}
+
+/// Checks every `[kafka]` property with librdkafka itself, so that a
+/// misspelt property or a bad value is a start-up error naming the
+/// property; the value of a secret is never part of the message.
+pub fn check_properties(config: &Config) -> anyhow::Result<()> {
+    for (key, value) in config.kafka_properties()? {
+        let mut c = ClientConfig::new();
+        c.set(&key, &value);
+        if let Err(e) = c.create_native_config() {
+            let text = match &e {
+                rdkafka::error::KafkaError::ClientConfig(_, desc, _, _) => desc.clone(),
+                other => other.to_string(),
+            };
+            let text = if is_secret(&key, config.kafka.get(&key)) && !value.is_empty() {
+                text.replace(&value, "<secret>")
+            } else {
+                text
+            };
+            bail!("`kafka.\"{key}\"` is refused by librdkafka: {text}");
+        }
+    }
+    Ok(())
+}
+
 /// The consumer configuration of the worker's group.
 pub fn consumer_config(config: &Config) -> anyhow::Result<ClientConfig> {
     let mut c = base_config(config)?;

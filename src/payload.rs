@@ -47,6 +47,14 @@ pub enum DecodeError {
     /// Did not parse as a protobuf `PaymentEvent`.
     #[error("payload is neither a JSON object nor a protobuf PaymentEvent: {0}")]
     Protobuf(String),
+    /// Larger than `max_payload_bytes`.
+    #[error("payload of {size} bytes is over max_payload_bytes ({max})")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
 }
 
 /// Decodes `bytes` as `format` says.

@@ -8,7 +8,7 @@
 //! reply carries the source message's Kafka key, `Idempotency-Key`,
 //! `idem-status`, `idem-source-topic/partition/offset`, `idem-replayed`
 //! (`false` for the application's own answer, `true` for a stored one),
-//! `idem-first-offset` and, when set, `content-type` and `idem-truncated`.
+//! `idem-first-topic/partition/offset` and, when set, `content-type` and `idem-truncated`.
 
 use crate::dlq::Outgoing;
 use crate::handler::Response;
@@ -28,8 +28,9 @@ pub struct Reply {
     pub response: StoredResponse,
     /// Source position of the message answered.
     pub source: (String, i32, i64),
-    /// Offset of the message whose handling produced the response.
-    pub first_offset: i64,
+    /// Position (topic, partition, offset) of the message whose handling
+    /// produced the response.
+    pub first: (String, i32, i64),
     /// True when answered from the store (a duplicate).
     pub replayed: bool,
 }
@@ -41,7 +42,7 @@ impl Reply {
         msg: &OwnedMessage,
         idempotency_key: String,
         response: StoredResponse,
-        first_offset: i64,
+        first: (&str, i32, i64),
         replayed: bool,
     ) -> Self {
         Reply {
@@ -50,7 +51,7 @@ impl Reply {
             idempotency_key,
             response,
             source: (msg.topic().to_string(), msg.partition(), msg.offset()),
-            first_offset,
+            first: (first.0.to_string(), first.1, first.2),
             replayed,
         }
     }
@@ -75,9 +76,14 @@ impl Reply {
                 "idem-source-offset",
                 Some(self.source.2.to_string().into_bytes()),
             ),
+            ("idem-first-topic", Some(self.first.0.clone().into_bytes())),
+            (
+                "idem-first-partition",
+                Some(self.first.1.to_string().into_bytes()),
+            ),
             (
                 "idem-first-offset",
-                Some(self.first_offset.to_string().into_bytes()),
+                Some(self.first.2.to_string().into_bytes()),
             ),
             (
                 "idem-replayed",

@@ -186,3 +186,64 @@ fn each_bad_message_gets_its_outcome_and_the_partition_keeps_flowing() {
     assert_eq!(tomb.payload(), None);
     assert_eq!(header(&tomb, "Idempotency-Key"), Some("tomb-1"));
 }
+
+#[test]
+fn an_oversized_payload_is_dead_lettered_without_it_and_the_partition_flows() {
+    let topic = unique("too-large");
+    let group = unique("idem");
+    create_topic(&topic, 1);
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let big = PaymentEvent {
+        merchant_reference: "x".repeat(5_000),
+        ..event("big-1", "a", 5)
+    }
+    .encode_to_vec();
+    send(
+        &p,
+        &topic,
+        0,
+        Some(&event("ok-1", "a", 1).encode_to_vec()),
+        &[],
+    );
+    send(&p, &topic, 0, Some(&big), &[]);
+    send(
+        &p,
+        &topic,
+        0,
+        Some(&event("ok-2", "a", 2).encode_to_vec()),
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&topic, &group, &dir.path().join("store"));
+    c.max_payload_bytes = 1_000;
+    let worker = Worker::new(c, Box::new(Ledger)).unwrap();
+    let store = worker.store();
+    let s = worker
+        .run(Arc::new(AtomicBool::new(false)), StopWhen::CaughtUp)
+        .unwrap();
+    assert_eq!((s.consumed, s.handled, s.undecodable), (3, 2, 1));
+    assert_eq!(committed(&group, &topic, 1), vec![3]);
+    let balances = ledger::balances(&store).unwrap();
+    assert_eq!(balances.values().copied().collect::<Vec<_>>(), vec![3]);
+    let letters = read_all(&format!("{topic}.dlq"), 1);
+    assert_eq!(letters.len(), 1);
+    let l = &letters[0];
+    assert_eq!(header(l, "idem-kind"), Some("too_large"));
+    assert_eq!(header(l, "idem-source-offset"), Some("1"));
+    let size = big.len().to_string();
+    assert_eq!(header(l, "idem-payload-bytes"), Some(size.as_str()));
+    assert_eq!(
+        header(l, "idem-reason"),
+        Some(
+            format!(
+                "payload of {} bytes is over max_payload_bytes (1000); the dead letter carries no payload",
+                big.len()
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(l.payload(), None);
+}

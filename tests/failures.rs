@@ -199,3 +199,75 @@ fn progress(store: &Path) -> i64 {
         .map(|c| c.iter().map(|(_, _, n)| n).sum())
         .unwrap_or(0)
 }
+
+#[test]
+fn a_store_with_a_corrupt_table_file_at_start_up_is_refused_and_nothing_is_handled() {
+    let topic = unique("corrupt");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    let first = Workload::generate(&WorkloadSpec {
+        unique: 500,
+        resends: 0,
+        conflicts: 0,
+        partitions: 2,
+        ..WorkloadSpec::default()
+    });
+    first.produce(&brokers(), &topic).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let (summary, store) = run_ledger(config(&topic, &group, &store_dir), None);
+    assert_eq!(summary.handled, 500);
+    store.flush().unwrap();
+    drop(store);
+    // More events arrive; then the table files are damaged (their footers).
+    Workload::generate(&WorkloadSpec {
+        unique: 300,
+        resends: 0,
+        conflicts: 0,
+        partitions: 2,
+        id_prefix: "more",
+        ..WorkloadSpec::default()
+    })
+    .produce(&brokers(), &topic)
+    .unwrap();
+    let mut damaged = 0;
+    for e in std::fs::read_dir(&store_dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "sst") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let n = bytes.len();
+            bytes[n - 48..].fill(0);
+            std::fs::write(&path, bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0, "no table file to damage");
+    let committed_before = committed(&group, &topic, 2);
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+    cmd.args([
+        "run",
+        "--brokers",
+        &brokers(),
+        "--group-id",
+        &group,
+        "--topic",
+        &topic,
+    ])
+    .arg("--store-dir")
+    .arg(&store_dir)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    for (k, v) in child_env() {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("opening the dedup store") && stderr.contains("Corruption"),
+        "{stderr}"
+    );
+    assert_eq!(committed(&group, &topic, 2), committed_before);
+    assert_eq!(committed_before.iter().sum::<i64>(), 500);
+}

@@ -189,75 +189,12 @@ fn sigterm_stops_in_time_commits_what_is_durable_and_restart_reprocesses_nothing
     assert_eq!(committed(&group, &topic, 4), log_end(&topic, 4));
 }
 
-/// A broker of this test's own, which it can stop.
-struct OwnBroker {
-    dir: tempfile::TempDir,
-    addr: String,
-}
-
-impl OwnBroker {
-    fn start() -> OwnBroker {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let root = env!("CARGO_MANIFEST_DIR");
-        let out = Command::new(format!("{root}/deploy/broker.sh"))
-            .args(["start", &port.to_string()])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        OwnBroker { dir, addr }
-    }
-
-    fn stop(&self) {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let out = Command::new(format!("{root}/deploy/broker.sh"))
-            .arg("stop")
-            .arg(self.dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let _ = Command::new(format!("{root}/deploy/broker.sh"))
-            .arg("stop")
-            .arg(self.dir.path())
-            .output();
-    }
-}
-
 #[test]
 fn sigterm_with_the_broker_gone_still_exits_within_the_deadline_and_keeps_what_is_durable() {
     let broker = OwnBroker::start();
     let topic = unique("gone");
     let group = unique("idem");
-    let admin_cfg = {
-        let mut c = rdkafka::ClientConfig::new();
-        c.set("bootstrap.servers", &broker.addr);
-        c
-    };
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        admin_cfg.create().unwrap();
-    let t = rdkafka::admin::NewTopic::new(&topic, 2, rdkafka::admin::TopicReplication::Fixed(1));
-    futures::executor::block_on(admin.create_topics([&t], &rdkafka::admin::AdminOptions::new()))
-        .unwrap();
+    broker.create_topic(&topic, 2);
     let workload = Workload::generate(&WorkloadSpec {
         unique: 20_000,
         resends: 0,

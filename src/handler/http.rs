@@ -11,7 +11,8 @@
 //! The answer:
 //! - 2xx: handled. A JSON body `{"status": "RETRY" | "DROP" | "SUCCESS"}`
 //!   overrides, as Dapr applications answer: RETRY is retried, DROP is
-//!   rejected (dead-lettered).
+//!   rejected (dead-lettered); any other status is retried (never taken for
+//!   a success).
 //! - 408, 425, 429, 5xx, 1xx and 3xx (redirects are not followed: a POST must
 //!   not turn into a GET), connection errors and timeouts: retried, after at
 //!   least a `Retry-After` when one is given.
@@ -43,6 +44,7 @@ pub struct HttpHandler {
     url: String,
     content_type: Option<HeaderValue>,
     header_prefix: String,
+    request_timeout: Duration,
     reachable: AtomicBool,
 }
 
@@ -76,6 +78,7 @@ impl HttpHandler {
             url: config.url.clone(),
             content_type,
             header_prefix: config.header_prefix.clone(),
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
             reachable: AtomicBool::new(true),
         })
     }
@@ -163,6 +166,7 @@ impl RemoteHandler for HttpHandler {
                 }
             }
         };
+        let began = std::time::Instant::now();
         let sent = self
             .client
             .post(&self.url)
@@ -200,8 +204,25 @@ impl RemoteHandler for HttpHandler {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        // The whole response must arrive within the request timeout, also a
+        // body that trickles in.
         let mut body = Vec::new();
-        let read = resp.take(MAX_BODY + 1).read_to_end(&mut body);
+        let mut resp = resp.take(MAX_BODY + 1);
+        let mut chunk = vec![0u8; 64 << 10];
+        let read: Result<(), String> = loop {
+            if began.elapsed() > self.request_timeout {
+                break Err(format!(
+                    "the response body took longer than request_timeout_ms ({} ms)",
+                    self.request_timeout.as_millis()
+                ));
+            }
+            match resp.read(&mut chunk) {
+                Ok(0) => break Ok(()),
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(error_chain(&e)),
+            }
+        };
         if let Err(e) = read {
             self.reachable.store(false, Ordering::Relaxed);
             return Answer {
@@ -276,7 +297,15 @@ pub fn classify(r: &Response, retry_after: Option<Duration>) -> Verdict {
                 after: retry_after,
             },
             Some("DROP") => Verdict::Rejected(format!("HTTP {s}: the application answered DROP")),
-            _ => Verdict::Handled,
+            Some("SUCCESS") | None => Verdict::Handled,
+            // An answer idem does not understand is not a success: for
+            // payments, try again (and hold the partition) rather than skip.
+            Some(other) => Verdict::Retry {
+                reason: format!(
+                    "HTTP {s} with status {other:?}, which is not SUCCESS, RETRY or DROP"
+                ),
+                after: retry_after,
+            },
         },
         408 | 425 | 429 | 500..=599 => Verdict::Retry {
             reason: format!("HTTP {s}{}", quote(&r.body)),
@@ -292,14 +321,18 @@ pub fn classify(r: &Response, retry_after: Option<Duration>) -> Verdict {
     }
 }
 
-/// The `status` of a Dapr-style JSON body, upper-cased.
+/// The `status` of a Dapr-style JSON body, upper-cased (a status that is
+/// not a string is returned as its JSON text).
 fn dapr_status(body: &[u8]) -> Option<String> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
     if *first != b'{' {
         return None;
     }
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    Some(v.get("status")?.as_str()?.to_ascii_uppercase())
+    match v.get("status")? {
+        serde_json::Value::String(s) => Some(s.to_ascii_uppercase()),
+        other => Some(other.to_string()),
+    }
 }
 
 /// A `Retry-After` value: delay-seconds or an HTTP date.
@@ -367,8 +400,14 @@ mod tests {
             classify(&resp(200, r#"{"status":"SUCCESS"}"#), None),
             Verdict::Handled
         );
+        for unknown in [r#"{"status": 3}"#, r#"{"status": "PENDING"}"#] {
+            assert!(
+                matches!(classify(&resp(200, unknown), None), Verdict::Retry { .. }),
+                "{unknown}"
+            );
+        }
         assert_eq!(
-            classify(&resp(200, r#"{"status": 3}"#), None),
+            classify(&resp(200, r#"{"other": 1}"#), None),
             Verdict::Handled
         );
         assert_eq!(classify(&resp(200, "RETRY"), None), Verdict::Handled);

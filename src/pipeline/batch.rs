@@ -500,9 +500,12 @@ impl BatchProcessor {
                             let attempts = self.attempts.entry(key.clone()).or_insert(0);
                             *attempts += 1;
                             let attempts = *attempts;
-                            counts.retries += 1;
-                            m::retries(msg.topic(), 1);
-                            match self.retry.after_failure(attempts, after) {
+                            let next = self.retry.after_failure(attempts, after);
+                            if next != NextStep::DeadLetter {
+                                counts.retries += 1;
+                                m::retries(msg.topic(), 1);
+                            }
+                            match next {
                                 NextStep::RetryAfter(delay) => {
                                     tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
                                         attempts, delay_ms = delay.as_millis() as u64, %reason,
@@ -566,7 +569,7 @@ impl BatchProcessor {
                             msg,
                             fresh.key.to_string(),
                             r.clone(),
-                            msg.offset(),
+                            (msg.topic(), msg.partition(), msg.offset()),
                             false,
                         ));
                         responses.insert(fresh.hash, r.clone());
@@ -698,6 +701,17 @@ impl BatchProcessor {
                 ));
                 Counted::Tombstone
             }
+            Decision::Undecodable(crate::payload::DecodeError::TooLarge { size, max }) => {
+                let mut l = self.letter(
+                    msg,
+                    DeadLetterKind::TooLarge,
+                    format!("payload of {size} bytes is over max_payload_bytes ({max}); the dead letter carries no payload"),
+                );
+                l.payload = None;
+                l.extra = vec![("idem-payload-bytes", size.to_string())];
+                letters.push(l);
+                Counted::Undecodable
+            }
             Decision::Undecodable(e) => {
                 letters.push(self.letter(
                     msg,
@@ -745,7 +759,11 @@ impl BatchProcessor {
                             msg,
                             key.to_string(),
                             r,
-                            first.source_offset,
+                            (
+                                first.source_topic.as_str(),
+                                first.source_partition,
+                                first.source_offset,
+                            ),
                             true,
                         ));
                     }

@@ -35,6 +35,7 @@ pub struct TopicRule {
 pub struct Decider {
     default: TopicRule,
     per_topic: HashMap<String, TopicRule>,
+    max_payload_bytes: usize,
 }
 
 /// A message whose key has not been seen: it goes to the handler.
@@ -115,7 +116,15 @@ impl Decider {
         Self {
             default,
             per_topic: HashMap::new(),
+            max_payload_bytes: 0,
         }
+    }
+
+    /// Payloads larger than `max` bytes (0: no limit) are not decoded: they
+    /// are dead-lettered as too large.
+    pub fn with_max_payload(mut self, max: usize) -> Self {
+        self.max_payload_bytes = max;
+        self
     }
 
     /// Applies `rule` to `topic` instead of the default.
@@ -138,6 +147,12 @@ impl Decider {
         let Some(payload) = msg.payload() else {
             return Prepared::Final(Decision::Tombstone);
         };
+        if self.max_payload_bytes > 0 && payload.len() > self.max_payload_bytes {
+            return Prepared::Final(Decision::Undecodable(DecodeError::TooLarge {
+                size: payload.len(),
+                max: self.max_payload_bytes,
+            }));
+        }
         let decoded = match decode(payload, rule.format) {
             Ok(d) => d,
             Err(e) => return Prepared::Final(Decision::Undecodable(e)),

@@ -204,11 +204,10 @@ impl Worker {
         }
         let assignment = Arc::new(Mutex::new(Assignment::default()));
         let consumer: BaseConsumer<IdemContext> = kafka::consumer_config(&config)?
-            .create_with_context(IdemContext::new(
-                store.clone(),
-                assignment.clone(),
-                config.resume_from,
-            ))
+            .create_with_context(
+                IdemContext::new(store.clone(), assignment.clone(), config.resume_from)
+                    .with_health(health.clone()),
+            )
             .context("creating the Kafka consumer")?;
         if config.create_topics {
             for topic in &config.topics {
@@ -401,6 +400,7 @@ impl Loop<'_> {
                     }
                 }
                 Some(Ok(m)) => {
+                    self.health.set_broker_trouble(None);
                     let m = m.detach();
                     // A message of a paused partition fetched before the
                     // pause took effect: it goes behind the waiting ones.
@@ -531,6 +531,7 @@ impl Loop<'_> {
         }
         self.health.set_failing(Some(text));
         self.stats.batch_failed();
+        m::batch_failed();
         let mut deferred = BTreeMap::new();
         for m in &batch {
             deferred
@@ -612,10 +613,15 @@ impl Loop<'_> {
             }
         }
         match self.consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => self.uncommitted.clear(),
+            Ok(()) => {
+                self.uncommitted.clear();
+                self.health.set_broker_trouble(None);
+            }
             Err(e) => {
                 self.stats.commit_failed();
                 m::commit_failed();
+                self.health
+                    .set_broker_trouble(Some(format!("offset commits fail: {e}")));
                 tracing::warn!(error = %e, "offset commit failed; will retry with the next batch");
             }
         }

@@ -48,6 +48,7 @@ pub struct IdemContext {
     store: Arc<DedupStore>,
     assignment: Arc<Mutex<Assignment>>,
     resume_from: ResumeFrom,
+    health: Option<Arc<crate::telemetry::server::Health>>,
 }
 
 impl IdemContext {
@@ -61,7 +62,14 @@ impl IdemContext {
             store,
             assignment,
             resume_from,
+            health: None,
         }
+    }
+
+    /// Reports broker trouble (all brokers down) to `/readyz`.
+    pub fn with_health(mut self, health: Arc<crate::telemetry::server::Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     fn choose_start_offsets(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
@@ -95,9 +103,22 @@ impl IdemContext {
                     state.commit_now.insert((topic.clone(), partition), s);
                     Some(s)
                 }
+                (Some(s), None) => {
+                    tracing::info!(%topic, partition, store = s,
+                        "the group has no committed offset but the store has a checkpoint (a crash before the first commit); starting at the store checkpoint");
+                    state.commit_now.insert((topic.clone(), partition), s);
+                    Some(s)
+                }
                 (Some(s), Some(k)) if s < k => {
+                    crate::telemetry::metrics::store_behind(&topic, partition);
                     tracing::warn!(%topic, partition, store = s, committed = k,
-                        "store checkpoint is behind the group's committed offset (store restored from an older copy, or another worker handled this partition); starting at the committed offset");
+                        "store checkpoint is behind the group's committed offset (store restored from an older copy, or another worker handled this partition): the keys of offsets {s}..{k} are not in this store; starting at the committed offset, never reprocessing them");
+                    Some(k)
+                }
+                (None, Some(k)) => {
+                    crate::telemetry::metrics::store_behind(&topic, partition);
+                    tracing::warn!(%topic, partition, committed = k,
+                        "the store has no checkpoint for this partition but the group has committed offset {k} (a new, missing or replaced store): keys recorded before are not known here; starting at the committed offset");
                     Some(k)
                 }
                 (s, k) => s.or(k),
@@ -129,7 +150,17 @@ impl IdemContext {
     }
 }
 
-impl ClientContext for IdemContext {}
+impl ClientContext for IdemContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode;
+        if let Some(h) = &self.health {
+            if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+                h.set_broker_trouble(Some(format!("all brokers are down: {reason}")));
+            }
+        }
+        tracing::error!(error = %error, %reason, "Kafka client error");
+    }
+}
 
 impl ConsumerContext for IdemContext {
     fn rebalance(

@@ -37,6 +37,11 @@ pub const DEGRADED: &str = "idem_degraded";
 pub const PARTITIONS_WAITING: &str = "idem_partitions_waiting";
 /// Offset commits that failed (retried later).
 pub const COMMIT_FAILURES: &str = "idem_commit_failures_total";
+/// Batches that could not be made durable (held back and retried).
+pub const BATCH_FAILURES: &str = "idem_batch_failures_total";
+/// Assignments where the store's checkpoint was behind the group's
+/// committed offset (a store restored from an old copy).
+pub const STORE_BEHIND: &str = "idem_store_behind_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -134,6 +139,17 @@ pub fn retries(topic: &str, n: u64) {
 /// Counts a failed offset commit.
 pub fn commit_failed() {
     counter!(COMMIT_FAILURES).increment(1);
+}
+
+/// Counts a batch that could not be made durable.
+pub fn batch_failed() {
+    counter!(BATCH_FAILURES).increment(1);
+}
+
+/// Counts an assignment whose store checkpoint was behind Kafka.
+pub fn store_behind(topic: &str, partition: i32) {
+    counter!(STORE_BEHIND, "topic" => topic.to_string(), "partition" => partition.to_string())
+        .increment(1);
 }
 
 /// Sets the lag of one partition.

@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct Health {
     assigned: AtomicBool,
     failing: Mutex<Option<String>>,
+    broker: Mutex<Option<String>>,
     stopping: AtomicBool,
     held_partitions: AtomicU64,
     /// Unix ms of the last turn of the pipeline loop.
@@ -66,6 +67,15 @@ impl Health {
         *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
+    /// Trouble with the brokers (all down, commits failing), or `None` once
+    /// they answer again.
+    pub fn set_broker_trouble(&self, why: Option<String>) {
+        let mut b = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+        if b.is_some() || why.is_some() {
+            *b = why;
+        }
+    }
+
     /// Partitions held at a message whose retries ran out.
     pub fn set_held_partitions(&self, n: usize) {
         self.held_partitions.store(n as u64, Ordering::Relaxed);
@@ -97,6 +107,14 @@ impl Health {
             .as_ref()
         {
             out.push(format!("batches cannot be made durable ({why})"));
+        }
+        if let Some(why) = self
+            .broker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            out.push(format!("Kafka: {why}"));
         }
         let handler = self.handler.lock().unwrap_or_else(|e| e.into_inner());
         if handler.as_ref().is_some_and(|h| !h.reachable()) {

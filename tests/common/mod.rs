@@ -220,3 +220,89 @@ pub fn run_ledger(config: Config, clock: Option<&ManualClock>) -> (RunSummary, A
 pub fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
+
+/// A broker of this test's own, which it can stop.
+pub struct OwnBroker {
+    dir: tempfile::TempDir,
+    pub addr: String,
+    port: u16,
+}
+
+impl OwnBroker {
+    pub fn start() -> OwnBroker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let root = env!("CARGO_MANIFEST_DIR");
+        let out = std::process::Command::new(format!("{root}/deploy/broker.sh"))
+            .args(["start", &port.to_string()])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        OwnBroker { dir, addr, port }
+    }
+
+    pub fn stop(&self) {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let out = std::process::Command::new(format!("{root}/deploy/broker.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl OwnBroker {
+    /// Starts it again on the same port and data (after [`OwnBroker::stop`]).
+    pub fn restart(&self) {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let out = std::process::Command::new(format!("{root}/deploy/broker.sh"))
+            .args(["start", &self.port.to_string()])
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Creates `topic` with `partitions` on this broker.
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .unwrap();
+        let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let res =
+            futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new())).unwrap();
+        for r in res {
+            r.unwrap();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let _ = std::process::Command::new(format!("{root}/deploy/broker.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}

@@ -1,0 +1,222 @@
+//! Crash soak: a producer writes payment events (10 % exact re-sends, 1 %
+//! conflicting re-sends) while `idem run` is SIGKILLed at random moments and
+//! the broker is stopped and started again; at the end every event is applied
+//! exactly once, committed = log-end, and the dead letters are the
+//! conflicts.
+//!
+//! Small by default (a test); `scripts/soak.sh EVENTS KILLS` runs it large
+//! and prints one line: events, kills, broker restarts, lost, doubled.
+
+mod common;
+
+use common::*;
+use idem::handler::ledger;
+use idem::store::DedupStore;
+use idem::workload::{produce_messages, Role, Workload, WorkloadSpec};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn spawn(
+    broker: &str,
+    topic: &str,
+    group: &str,
+    store: &std::path::Path,
+    extra: &[&str],
+    log: &std::path::Path,
+) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+    cmd.args([
+        "run",
+        "--brokers",
+        broker,
+        "--group-id",
+        group,
+        "--topic",
+        topic,
+    ])
+    .arg("--store-dir")
+    .arg(store)
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    for (k, v) in child_env() {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn sigkills_and_broker_restarts_lose_and_double_nothing() {
+    let events = env_or("IDEM_TEST_SOAK_EVENTS", 30_000);
+    let kills = env_or("IDEM_TEST_SOAK_KILLS", 4);
+    let restarts_every = env_or("IDEM_TEST_SOAK_RESTART_EVERY", 3).max(1);
+    let partitions = 8;
+    let began = Instant::now();
+    let broker = OwnBroker::start();
+    let topic = unique("soak");
+    let group = unique("g");
+    broker.create_topic(&topic, partitions);
+    let spec = WorkloadSpec {
+        unique: events - events / 10 - events / 100,
+        resends: events / 10,
+        conflicts: events / 100,
+        partitions,
+        accounts: 1_000,
+        seed: 42,
+        ..WorkloadSpec::default()
+    };
+    let w = Workload::generate(&spec);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+
+    // The producer writes in chunks while the worker is killed; it retries
+    // through broker restarts (idempotent, one-minute delivery timeout).
+    let addr = broker.addr.clone();
+    let (t, msgs) = (topic.clone(), w.messages.clone());
+    let producer = std::thread::spawn(move || {
+        for chunk in msgs.chunks(2_000) {
+            let mut tries = 0;
+            while let Err(e) = produce_messages(&addr, &t, chunk) {
+                tries += 1;
+                assert!(tries < 10, "producing failed 10 times: {e:#}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    });
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(events as u64 + kills as u64);
+    let mut restarts = 0;
+    for k in 0..kills {
+        let log = dir.path().join(format!("worker-{k}.log"));
+        let mut child = spawn(&broker.addr, &topic, &group, &store, &[], &log);
+        std::thread::sleep(Duration::from_millis(rng.random_range(1_500..6_000)));
+        if (k + 1) % restarts_every == 0 {
+            // The broker goes away under the running worker, then comes back.
+            broker.stop();
+            std::thread::sleep(Duration::from_millis(rng.random_range(500..3_000)));
+            broker.restart();
+            restarts += 1;
+            std::thread::sleep(Duration::from_millis(rng.random_range(500..3_000)));
+        }
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+        child.wait().unwrap();
+    }
+    producer.join().unwrap();
+
+    // A last run to the end.
+    let log = dir.path().join("worker-last.log");
+    let mut last = spawn(
+        &broker.addr,
+        &topic,
+        &group,
+        &store,
+        &["--until-caught-up"],
+        &log,
+    );
+    let until = Instant::now() + Duration::from_secs(300);
+    while last.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            let _ = last.kill();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            panic!(
+                "the last run did not catch up; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(last.wait().unwrap().success());
+
+    let s = DedupStore::open_read_only(&store).unwrap();
+    let applied = ledger::applied_counts(&s).unwrap();
+    let doubled = applied.values().filter(|&&n| n > 1).count();
+    let lost = spec.unique - applied.len().min(spec.unique);
+    let balances_exact = ledger::balances(&s).unwrap() == w.expected_balances();
+    drop(s);
+    let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut log_end = Vec::new();
+    let mut committed = Vec::new();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        use rdkafka::consumer::Consumer as _;
+        log_end.push(
+            c.fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1,
+        );
+        tpl.add_partition(&topic, p);
+    }
+    {
+        use rdkafka::consumer::Consumer as _;
+        for e in c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap()
+            .elements()
+        {
+            committed.push(e.offset().to_raw().unwrap_or(-1));
+        }
+    }
+    // Dead letters: at least once, so count the distinct source positions.
+    let letters = {
+        let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &broker.addr)
+            .set("group.id", unique("dlq-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "true")
+            .create()
+            .unwrap();
+        use rdkafka::consumer::Consumer as _;
+        c.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+        let mut seen = HashSet::new();
+        let mut raw = 0;
+        let mut eof = HashSet::new();
+        let until = Instant::now() + Duration::from_secs(60);
+        while eof.len() < partitions as usize && Instant::now() < until {
+            match c.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    raw += 1;
+                    let m = m.detach();
+                    seen.insert((
+                        header(&m, "idem-source-partition").map(str::to_string),
+                        header(&m, "idem-source-offset").map(str::to_string),
+                    ));
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    eof.insert(p);
+                }
+                _ => {}
+            }
+        }
+        (raw, seen.len())
+    };
+    println!(
+        "soak: events={events} kills={kills} broker_restarts={restarts} lost={lost} doubled={doubled} balances_exact={balances_exact} committed_is_log_end={} dead_letters={} (distinct {}, conflicts {}) elapsed_s={:.0}",
+        committed == log_end,
+        letters.0,
+        letters.1,
+        w.count(Role::Conflict),
+        began.elapsed().as_secs_f64()
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(doubled, 0);
+    assert!(balances_exact);
+    assert_eq!(applied.len(), spec.unique);
+    assert_eq!(committed, log_end);
+    assert_eq!(letters.1, w.count(Role::Conflict));
+}
