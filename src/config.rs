@@ -1145,7 +1145,8 @@ window_secs = 7200
             let e = format!("{:#}", c.validate().unwrap_err());
             assert!(e.contains(needle), "{e}");
         };
-        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+        type Case = (Box<dyn Fn(&mut Config)>, &'static str);
+        let cases: Vec<Case> = vec![
             (Box::new(|c| c.http.url = "https://app/x".into()), "`http.url` must be an http:// URL"),
             (Box::new(|c| c.http.url = "http://:8080/x".into()), "`http.url` must be an http:// URL"),
             (Box::new(|c| c.http.url = "http://127.0.0.1:0/x".into()), "must name a port between 1 and 65535"),

@@ -14,6 +14,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use std::time::Duration;
 
+/// How long a dead letter or reply may wait for the brokers' acknowledgement
+/// unless `[kafka] "message.timeout.ms"` says otherwise.
+pub const DELIVERY_TIMEOUT_MS: &str = "15000";
+
 /// Timeout of metadata and admin requests at start-up.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -82,6 +86,12 @@ pub fn producer_config(config: &Config) -> anyhow::Result<ClientConfig> {
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5");
+    // A dead letter or reply that the brokers do not take within this fails
+    // its batch (which then waits and is retried, fail closed) instead of
+    // holding the loop for librdkafka's default of five minutes.
+    if !config.kafka.contains_key("message.timeout.ms") {
+        c.set("message.timeout.ms", DELIVERY_TIMEOUT_MS);
+    }
     Ok(c)
 }
 

@@ -285,8 +285,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("{w}");
     }
     let deadline = Duration::from_secs(config.shutdown_timeout_secs);
-    let stall =
-        Duration::from_millis(config.http.request_timeout_ms) * 3 + Duration::from_secs(120);
+    let stall = Duration::from_millis(config.http.request_timeout_ms);
     let health = Health::new(stall);
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;

@@ -271,3 +271,103 @@ fn a_store_with_a_corrupt_table_file_at_start_up_is_refused_and_nothing_is_handl
     assert_eq!(committed(&group, &topic, 2), committed_before);
     assert_eq!(committed_before.iter().sum::<i64>(), 500);
 }
+
+#[test]
+fn a_broker_down_for_30_s_mid_run_costs_nothing_and_readiness_says_so() {
+    let broker = OwnBroker::start();
+    let topic = unique("broker-down");
+    let group = unique("g");
+    broker.create_topic(&topic, 4);
+    let spec = WorkloadSpec {
+        unique: 27_000,
+        resends: 2_700,
+        conflicts: 300,
+        ..WorkloadSpec::default()
+    };
+    let w = Workload::generate(&spec);
+    w.produce(&broker.addr, &topic).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&topic, &group, &dir.path().join("store"));
+    c.brokers = broker.addr.clone();
+    c.batch_size = 20;
+    let worker = idem::pipeline::Worker::new(c, Box::new(idem::handler::ledger::Ledger)).unwrap();
+    let store = worker.store();
+    let health = worker.health();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let running = std::thread::spawn(move || worker.run(flag, idem::pipeline::StopWhen::CaughtUp));
+    let until = Instant::now() + Duration::from_secs(60);
+    while store
+        .checkpoints()
+        .unwrap()
+        .iter()
+        .map(|c| c.2)
+        .sum::<i64>()
+        < 2_000
+    {
+        assert!(Instant::now() < until, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    broker.stop();
+    let down = Instant::now();
+    let mut reported = None;
+    while down.elapsed() < Duration::from_secs(30) {
+        let reasons = health.not_ready_reasons();
+        if std::env::var("IDEM_TEST_VERBOSE").is_ok() {
+            eprintln!(
+                "{:?} {reasons:?} progress {}",
+                down.elapsed(),
+                store
+                    .checkpoints()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.2)
+                    .sum::<i64>()
+            );
+        }
+        if reported.is_none()
+            && reasons
+                .iter()
+                .any(|r| r.starts_with("Kafka: ") || r.contains("cannot be made durable"))
+        {
+            reported = Some(reasons);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let reasons = reported.expect("readiness never reported the broker outage");
+    eprintln!("during the outage /readyz said: {reasons:?}");
+    broker.restart();
+    let summary = running.join().unwrap().unwrap();
+    eprintln!("broker down 30 s: {summary:?}");
+    assert_eq!(summary.handled, spec.unique as u64);
+    assert_eq!(summary.duplicates, spec.resends as u64);
+    assert_eq!(summary.conflicts, spec.conflicts as u64);
+    assert_eq!(ledger::balances(&store).unwrap(), w.expected_balances());
+    let applied = ledger::applied_counts(&store).unwrap();
+    assert_eq!(applied.len(), spec.unique);
+    assert_eq!(applied.values().max(), Some(&1));
+    let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    use rdkafka::consumer::Consumer as _;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut end = Vec::new();
+    for p in 0..4 {
+        tpl.add_partition(&topic, p);
+        end.push(
+            c.fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1,
+        );
+    }
+    let committed: Vec<i64> = c
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| e.offset().to_raw().unwrap_or(-1))
+        .collect();
+    assert_eq!(committed, end);
+}

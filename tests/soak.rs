@@ -49,9 +49,13 @@ fn spawn(
     .arg(store)
     .args(extra)
     .stdout(Stdio::piped())
-    .stderr(Stdio::null());
+    .stderr(std::fs::File::create(log).unwrap());
     for (k, v) in child_env() {
         cmd.env(k, v);
+    }
+    if let Ok(debug) = std::env::var("IDEM_TEST_SOAK_DEBUG") {
+        cmd.env("IDEM_KAFKA__DEBUG", debug)
+            .env("RUST_LOG", "info,librdkafka=debug,rdkafka=debug");
     }
     cmd.spawn().unwrap()
 }
@@ -124,15 +128,17 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
         &["--until-caught-up"],
         &log,
     );
-    let until = Instant::now() + Duration::from_secs(300);
+    let until =
+        Instant::now() + Duration::from_secs(env_or("IDEM_TEST_SOAK_LAST_RUN_SECS", 300) as u64);
     while last.try_wait().unwrap().is_none() {
         if Instant::now() > until {
             let _ = last.kill();
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
             panic!(
-                "the last run did not catch up; its log ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                "the last run did not catch up; its log ends:\n{}\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                broker.describe()
             );
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -121,8 +121,7 @@ impl Worker {
         handler: AnyHandler,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
-        let stall =
-            Duration::from_millis(config.http.request_timeout_ms) * 3 + Duration::from_secs(120);
+        let stall = Duration::from_millis(config.http.request_timeout_ms);
         Self::with_parts(
             config,
             handler,
@@ -253,6 +252,7 @@ impl Worker {
         let mut last_expiry = Instant::now();
         let mut last_caught_up_check = Instant::now();
         let mut last_gauges: Option<Instant> = None;
+        let mut last_broker_check = Instant::now();
         let mut result: anyhow::Result<()> = Ok(());
         let mut first_message_at: Option<Instant> = None;
         while !shutdown.load(Ordering::SeqCst) {
@@ -284,6 +284,17 @@ impl Worker {
                 last_expiry = Instant::now();
                 if let Err(e) = store.expire(store.processing_time()) {
                     tracing::error!(error = %e, "dropping expired buckets failed; will retry");
+                }
+            }
+            if health.broker_trouble() && last_broker_check.elapsed() >= Duration::from_secs(1) {
+                last_broker_check = Instant::now();
+                if consumer
+                    .fetch_metadata(None, Duration::from_secs(1))
+                    .is_ok()
+                {
+                    tracing::info!("the brokers answer again");
+                    health.set_broker_trouble(None);
+                    looper.commit_pending();
                 }
             }
             if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
@@ -400,7 +411,6 @@ impl Loop<'_> {
                     }
                 }
                 Some(Ok(m)) => {
-                    self.health.set_broker_trouble(None);
                     let m = m.detach();
                     // A message of a paused partition fetched before the
                     // pause took effect: it goes behind the waiting ones.
@@ -603,7 +613,10 @@ impl Loop<'_> {
     /// Commits every durable offset not yet committed; on failure keeps them
     /// for the next try.
     fn commit_pending(&mut self) {
-        if self.uncommitted.is_empty() {
+        // With every broker down a synchronous commit would block the loop
+        // until librdkafka gives up; the offsets wait (they are durable in
+        // the store) until the brokers answer a metadata request again.
+        if self.uncommitted.is_empty() || self.health.brokers_down() {
             return;
         }
         let mut tpl = TopicPartitionList::new();

@@ -155,7 +155,7 @@ impl ClientContext for IdemContext {
         use rdkafka::types::RDKafkaErrorCode;
         if let Some(h) = &self.health {
             if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-                h.set_broker_trouble(Some(format!("all brokers are down: {reason}")));
+                h.set_brokers_down(format!("all brokers are down: {reason}"));
             }
         }
         tracing::error!(error = %error, %reason, "Kafka client error");

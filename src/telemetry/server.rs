@@ -25,12 +25,15 @@ pub struct Health {
     assigned: AtomicBool,
     failing: Mutex<Option<String>>,
     broker: Mutex<Option<String>>,
+    brokers_down: AtomicBool,
     stopping: AtomicBool,
     held_partitions: AtomicU64,
     /// Unix ms of the last turn of the pipeline loop.
     heartbeat_ms: AtomicU64,
     /// How long the loop may go without a turn before `/healthz` fails.
     stall_limit_ms: AtomicU64,
+    /// How long the loop may go without a turn before `/readyz` fails.
+    busy_limit_ms: AtomicU64,
     handler: Mutex<Option<Arc<dyn RemoteHandler>>>,
 }
 
@@ -42,11 +45,18 @@ fn now_ms() -> u64 {
 }
 
 impl Health {
-    /// A health state whose loop counts as stalled after `stall_limit`.
-    pub fn new(stall_limit: Duration) -> Arc<Self> {
+    /// A health state for a worker whose handler calls take at most
+    /// `request_timeout`: the loop counts as stuck for `/readyz` after
+    /// `request_timeout` + 15 s without a turn, and as not alive for
+    /// `/healthz` after 3 × `request_timeout` + 120 s.
+    pub fn new(request_timeout: Duration) -> Arc<Self> {
         let h = Health::default();
+        let alive = request_timeout * 3 + Duration::from_secs(120);
+        let busy = request_timeout + Duration::from_secs(15);
         h.stall_limit_ms
-            .store(stall_limit.as_millis() as u64, Ordering::Relaxed);
+            .store(alive.as_millis() as u64, Ordering::Relaxed);
+        h.busy_limit_ms
+            .store(busy.as_millis() as u64, Ordering::Relaxed);
         h.beat();
         Arc::new(h)
     }
@@ -67,13 +77,35 @@ impl Health {
         *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
-    /// Trouble with the brokers (all down, commits failing), or `None` once
-    /// they answer again.
+    /// Trouble with the brokers (commits failing), or `None` once they
+    /// answer again.
     pub fn set_broker_trouble(&self, why: Option<String>) {
         let mut b = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+        if why.is_none() {
+            self.brokers_down.store(false, Ordering::Relaxed);
+        }
         if b.is_some() || why.is_some() {
             *b = why;
         }
+    }
+
+    /// librdkafka reported every broker connection down.
+    pub fn set_brokers_down(&self, why: String) {
+        self.brokers_down.store(true, Ordering::Relaxed);
+        *self.broker.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// True from an all-brokers-down report until the brokers answer again.
+    pub fn brokers_down(&self) -> bool {
+        self.brokers_down.load(Ordering::Relaxed)
+    }
+
+    /// True while some broker trouble is reported.
+    pub fn broker_trouble(&self) -> bool {
+        self.broker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Partitions held at a message whose retries ran out.
@@ -119,6 +151,12 @@ impl Health {
         let handler = self.handler.lock().unwrap_or_else(|e| e.into_inner());
         if handler.as_ref().is_some_and(|h| !h.reachable()) {
             out.push("the application did not answer the last call".to_string());
+        }
+        let since = now_ms().saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed));
+        if since > self.busy_limit_ms.load(Ordering::Relaxed) {
+            out.push(format!(
+                "the pipeline loop has not turned for {since} ms (waiting on the brokers, the store or the application)"
+            ));
         }
         let held = self.held_partitions.load(Ordering::Relaxed);
         if held > 0 {

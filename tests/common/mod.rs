@@ -282,6 +282,18 @@ impl OwnBroker {
         );
     }
 
+    /// What the broker process wrote last, and whether its port answers.
+    pub fn describe(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        let open = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+        format!(
+            "broker port {} open: {open}; broker log ends:\n{}",
+            self.port,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
     /// Creates `topic` with `partitions` on this broker.
     pub fn create_topic(&self, topic: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
