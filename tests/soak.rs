@@ -53,6 +53,11 @@ fn spawn(
     for (k, v) in child_env() {
         cmd.env(k, v);
     }
+    // After a broker restart, noida-db 0.2.3 never expires a member that was
+    // SIGKILLed, and the next JoinGroup waits for it for ever. With static
+    // membership the next worker takes the killed one's place at once (as
+    // a redeployed pod would).
+    cmd.env("IDEM_KAFKA__GROUP_INSTANCE_ID", "soak-worker");
     if let Ok(debug) = std::env::var("IDEM_TEST_SOAK_DEBUG") {
         cmd.env("IDEM_KAFKA__DEBUG", debug)
             .env("RUST_LOG", "info,librdkafka=debug,rdkafka=debug");
