@@ -104,23 +104,7 @@ fn a_full_disk_holds_every_partition_until_space_returns_then_each_event_applies
     w.produce(&brokers(), &topic).unwrap();
     let store_dir = fs.path.join("store");
     let ops = common::app::free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
-    cmd.args([
-        "run",
-        "--brokers",
-        &brokers(),
-        "--group-id",
-        &group,
-        "--topic",
-        &topic,
-    ])
-    .arg("--store-dir")
-    .arg(&store_dir)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    for (k, v) in child_env() {
-        cmd.env(k, v);
-    }
+    let mut cmd = idem_run(&brokers(), &topic, &group, &store_dir, Stdio::null());
     cmd.env("IDEM_METRICS__LISTEN", ops.to_string())
         .env("IDEM_BATCH_SIZE", "20")
         .env("IDEM_RETRY__INITIAL_DELAY_MS", "50")
@@ -193,13 +177,6 @@ fn a_full_disk_holds_every_partition_until_space_returns_then_each_event_applies
     assert_eq!(applied.values().max(), Some(&1));
 }
 
-fn progress(store: &Path) -> i64 {
-    DedupStore::open_read_only(store)
-        .and_then(|s| s.checkpoints())
-        .map(|c| c.iter().map(|(_, _, n)| n).sum())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_store_with_a_corrupt_table_file_at_start_up_is_refused_and_nothing_is_handled() {
     let topic = unique("corrupt");
@@ -244,23 +221,7 @@ fn a_store_with_a_corrupt_table_file_at_start_up_is_refused_and_nothing_is_handl
     assert!(damaged > 0, "no table file to damage");
     let committed_before = committed(&group, &topic, 2);
 
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
-    cmd.args([
-        "run",
-        "--brokers",
-        &brokers(),
-        "--group-id",
-        &group,
-        "--topic",
-        &topic,
-    ])
-    .arg("--store-dir")
-    .arg(&store_dir)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    for (k, v) in child_env() {
-        cmd.env(k, v);
-    }
+    let mut cmd = idem_run(&brokers(), &topic, &group, &store_dir, Stdio::piped());
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

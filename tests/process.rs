@@ -12,29 +12,12 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 fn spawn(topic: &str, group: &str, store: &Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
-    cmd.args([
-        "run",
-        "--brokers",
-        &brokers(),
-        "--group-id",
-        group,
-        "--topic",
-        topic,
-    ])
-    .arg("--store-dir")
-    .arg(store)
-    .args(extra)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    for (k, v) in child_env() {
-        cmd.env(k, v);
-    }
-    cmd.envs(env.iter().copied());
+    let mut cmd = idem_run(&brokers(), topic, group, store, Stdio::null());
+    cmd.args(extra).envs(env.iter().copied());
     cmd.spawn().unwrap()
 }
 
@@ -55,14 +38,6 @@ fn wait_with_deadline(child: &mut Child, deadline: Duration) -> std::process::Ex
 fn stdout_of(child: Child) -> String {
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Messages recorded as processed in the store so far (sum of checkpoints).
-fn progress(store: &Path) -> i64 {
-    DedupStore::open_read_only(store)
-        .and_then(|s| s.checkpoints())
-        .map(|c| c.iter().map(|(_, _, n)| n).sum())
-        .unwrap_or(0)
 }
 
 #[test]
@@ -205,23 +180,7 @@ fn sigterm_with_the_broker_gone_still_exits_within_the_deadline_and_keeps_what_i
     workload.produce(&broker.addr, &topic).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
-    cmd.args([
-        "run",
-        "--brokers",
-        &broker.addr,
-        "--group-id",
-        &group,
-        "--topic",
-        &topic,
-    ])
-    .arg("--store-dir")
-    .arg(&store)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    for (k, v) in child_env() {
-        cmd.env(k, v);
-    }
+    let mut cmd = idem_run(&broker.addr, &topic, &group, &store, Stdio::null());
     cmd.env("IDEM_SHUTDOWN_TIMEOUT_SECS", "5")
         .env("IDEM_BATCH_SIZE", "10")
         .env("IDEM_KAFKA__MESSAGE_TIMEOUT_MS", "300000");

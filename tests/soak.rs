@@ -19,7 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -37,24 +37,14 @@ fn spawn(
     extra: &[&str],
     log: &std::path::Path,
 ) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
-    cmd.args([
-        "run",
-        "--brokers",
+    let mut cmd = idem_run(
         broker,
-        "--group-id",
-        group,
-        "--topic",
         topic,
-    ])
-    .arg("--store-dir")
-    .arg(store)
-    .args(extra)
-    .stdout(Stdio::piped())
-    .stderr(std::fs::File::create(log).unwrap());
-    for (k, v) in child_env() {
-        cmd.env(k, v);
-    }
+        group,
+        store,
+        std::fs::File::create(log).unwrap().into(),
+    );
+    cmd.args(extra);
     // After a broker restart, noida-db 0.2.3 never expires a member that was
     // SIGKILLed, and the next JoinGroup waits for it for ever. With static
     // membership the next worker takes the killed one's place at once (as

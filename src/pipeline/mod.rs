@@ -640,20 +640,28 @@ impl Loop<'_> {
         }
     }
 
+    /// The owned partitions with the offsets they started at.
+    fn owned(&self) -> Vec<(TopicPartition, Option<i64>)> {
+        let state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+        state.owned.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// The next offset to process of a partition: what was processed, else
+    /// where it started, else its low watermark.
+    fn next_offset(&self, topic: &str, partition: i32, start: Option<i64>, low: i64) -> i64 {
+        self.processed
+            .get(&(topic.to_string(), partition))
+            .copied()
+            .or(start)
+            .unwrap_or(low)
+    }
+
     /// Refreshes the lag and store gauges.
     fn refresh_gauges(&self, store: &DedupStore) {
-        let owned: Vec<(TopicPartition, Option<i64>)> = {
-            let state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
-            state.owned.iter().map(|(k, v)| (k.clone(), *v)).collect()
-        };
+        let owned = self.owned();
         for ((topic, partition), start) in owned {
             if let Some((low, high)) = kafka::cached_watermarks(self.consumer, &topic, partition) {
-                let next = self
-                    .processed
-                    .get(&(topic.clone(), partition))
-                    .copied()
-                    .or(start)
-                    .unwrap_or(low);
+                let next = self.next_offset(&topic, partition, start, low);
                 m::lag(&topic, partition, (high - next).max(0));
             }
         }
@@ -666,10 +674,7 @@ impl Loop<'_> {
     /// True when every owned partition has been processed up to its
     /// high watermark (and at least one partition is owned).
     fn caught_up(&self) -> bool {
-        let owned: Vec<(TopicPartition, Option<i64>)> = {
-            let state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
-            state.owned.iter().map(|(k, v)| (k.clone(), *v)).collect()
-        };
+        let owned = self.owned();
         if owned.is_empty() || !self.parked.is_empty() {
             return false;
         }
@@ -680,12 +685,7 @@ impl Loop<'_> {
             else {
                 return false;
             };
-            let next = self
-                .processed
-                .get(&(topic.clone(), partition))
-                .copied()
-                .or(start)
-                .unwrap_or(low);
+            let next = self.next_offset(&topic, partition, start, low);
             if next < high {
                 return false;
             }

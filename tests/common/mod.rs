@@ -221,11 +221,28 @@ pub fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
 
-/// A broker of this test's own, which it can stop.
+/// A broker of the test's own (not the shared one), which it can stop and
+/// start again on the same port and data.
 pub struct OwnBroker {
     dir: tempfile::TempDir,
     pub addr: String,
     port: u16,
+}
+
+/// Runs `deploy/broker.sh` with `args` and the data directory; its stdout.
+fn broker_sh(args: &[&str], dir: &Path) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new(format!("{root}/deploy/broker.sh"))
+        .args(args)
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 impl OwnBroker {
@@ -236,50 +253,17 @@ impl OwnBroker {
             .local_addr()
             .unwrap()
             .port();
-        let root = env!("CARGO_MANIFEST_DIR");
-        let out = std::process::Command::new(format!("{root}/deploy/broker.sh"))
-            .args(["start", &port.to_string()])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let addr = broker_sh(&["start", &port.to_string()], dir.path());
         OwnBroker { dir, addr, port }
     }
 
     pub fn stop(&self) {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let out = std::process::Command::new(format!("{root}/deploy/broker.sh"))
-            .arg("stop")
-            .arg(self.dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        broker_sh(&["stop"], self.dir.path());
     }
-}
 
-impl OwnBroker {
     /// Starts it again on the same port and data (after [`OwnBroker::stop`]).
     pub fn restart(&self) {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let out = std::process::Command::new(format!("{root}/deploy/broker.sh"))
-            .args(["start", &self.port.to_string()])
-            .arg(self.dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        broker_sh(&["start", &self.port.to_string()], self.dir.path());
     }
 
     /// What the broker process wrote last, and whether its port answers.
@@ -317,4 +301,42 @@ impl Drop for OwnBroker {
             .arg(self.dir.path())
             .output();
     }
+}
+
+/// Messages recorded as processed in the store so far (sum of checkpoints);
+/// 0 while the store cannot be read.
+pub fn progress(store: &Path) -> i64 {
+    DedupStore::open_read_only(store)
+        .and_then(|s| s.checkpoints())
+        .map(|c| c.iter().map(|(_, _, n)| n).sum())
+        .unwrap_or(0)
+}
+
+/// `idem run` against `broker` for `topic` and `group` with its store in
+/// `store`, quick rebalances, stdout piped and stderr to `stderr`.
+pub fn idem_run(
+    broker: &str,
+    topic: &str,
+    group: &str,
+    store: &Path,
+    stderr: std::process::Stdio,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_idem"));
+    cmd.args([
+        "run",
+        "--brokers",
+        broker,
+        "--group-id",
+        group,
+        "--topic",
+        topic,
+    ])
+    .arg("--store-dir")
+    .arg(store)
+    .stdout(std::process::Stdio::piped())
+    .stderr(stderr);
+    for (k, v) in child_env() {
+        cmd.env(k, v);
+    }
+    cmd
 }
