@@ -506,21 +506,20 @@ impl BatchProcessor {
                                 m::retries(msg.topic(), 1);
                             }
                             match next {
-                                NextStep::RetryAfter(delay) => {
-                                    tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
-                                        attempts, delay_ms = delay.as_millis() as u64, %reason,
-                                        "message not finished; its partition waits and retries it");
+                                NextStep::RetryAfter(delay) | NextStep::PausedRetryAfter(delay) => {
+                                    let held = matches!(next, NextStep::PausedRetryAfter(_));
+                                    let delay_ms = delay.as_millis() as u64;
+                                    if held {
+                                        tracing::error!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
+                                            attempts, delay_ms, %reason,
+                                            "retries exhausted: partition held at this message (on_exhausted = pause); retrying at the longest delay");
+                                    } else {
+                                        tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
+                                            attempts, delay_ms, %reason,
+                                            "message not finished; its partition waits and retries it");
+                                    }
                                     self.leases.insert(fresh.hash, key);
-                                    defer(delay, false);
-                                    outcomes.push(None);
-                                    continue;
-                                }
-                                NextStep::PausedRetryAfter(delay) => {
-                                    tracing::error!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
-                                        attempts, delay_ms = delay.as_millis() as u64, %reason,
-                                        "retries exhausted: partition held at this message (on_exhausted = pause); retrying at the longest delay");
-                                    self.leases.insert(fresh.hash, key);
-                                    defer(delay, true);
+                                    defer(delay, held);
                                     outcomes.push(None);
                                     continue;
                                 }
@@ -693,14 +692,6 @@ impl BatchProcessor {
         counts: &mut BatchCounts,
     ) -> Counted {
         match decision {
-            Decision::Tombstone => {
-                letters.push(self.letter(
-                    msg,
-                    DeadLetterKind::Tombstone,
-                    "null payload (tombstone)".into(),
-                ));
-                Counted::Tombstone
-            }
             Decision::Undecodable(crate::payload::DecodeError::TooLarge { size, max }) => {
                 let mut l = self.letter(
                     msg,
@@ -712,21 +703,27 @@ impl BatchProcessor {
                 letters.push(l);
                 Counted::Undecodable
             }
-            Decision::Undecodable(e) => {
-                letters.push(self.letter(
-                    msg,
-                    DeadLetterKind::Undecodable,
-                    format!("undecodable payload: {e}"),
-                ));
-                Counted::Undecodable
-            }
-            Decision::BadKey(e) => {
-                letters.push(self.letter(
-                    msg,
-                    DeadLetterKind::BadKey,
-                    format!("no usable idempotency key: {e}"),
-                ));
-                Counted::BadKey
+            Decision::Tombstone | Decision::Undecodable(_) | Decision::BadKey(_) => {
+                let (kind, reason, counted) = match decision {
+                    Decision::Tombstone => (
+                        DeadLetterKind::Tombstone,
+                        "null payload (tombstone)".to_string(),
+                        Counted::Tombstone,
+                    ),
+                    Decision::Undecodable(e) => (
+                        DeadLetterKind::Undecodable,
+                        format!("undecodable payload: {e}"),
+                        Counted::Undecodable,
+                    ),
+                    Decision::BadKey(e) => (
+                        DeadLetterKind::BadKey,
+                        format!("no usable idempotency key: {e}"),
+                        Counted::BadKey,
+                    ),
+                    _ => unreachable!("matched above"),
+                };
+                letters.push(self.letter(msg, kind, reason));
+                counted
             }
             Decision::Duplicate {
                 first, hash, key, ..
