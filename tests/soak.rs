@@ -158,7 +158,14 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
             .set("enable.partition.eof", "true")
             .create()
             .unwrap();
-        c.subscribe(&[&topic]).unwrap();
+        // assign, not subscribe: no group join (which noida-db can hang on
+        // after restarts) between the test and the truth.
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        c.assign(&tpl).unwrap();
         let mut ids = HashSet::new();
         let mut eof = HashSet::new();
         let until = Instant::now() + Duration::from_secs(300);
@@ -229,7 +236,13 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
             .create()
             .unwrap();
         use rdkafka::consumer::Consumer as _;
-        c.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+        let dlq = format!("{topic}.dlq");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&dlq, p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        c.assign(&tpl).unwrap();
         let mut seen = HashSet::new();
         let mut raw = 0;
         let mut eof = HashSet::new();
