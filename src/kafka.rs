@@ -102,7 +102,11 @@ pub fn partition_count<C: ConsumerContext>(
 ) -> anyhow::Result<usize> {
     let md = consumer
         .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
-        .with_context(|| format!("fetching metadata of topic {topic}"))?;
+        .with_context(|| {
+            format!(
+                "fetching metadata of topic {topic} (are the brokers of `brokers` / --brokers reachable?)"
+            )
+        })?;
     let t = md
         .topics()
         .iter()

@@ -153,10 +153,19 @@ impl IdemContext {
 impl ClientContext for IdemContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         use rdkafka::types::RDKafkaErrorCode;
-        if let Some(h) = &self.health {
-            if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // librdkafka repeats this while the brokers stay away: one line
+            // when it starts, the rest at debug.
+            let first = self.health.as_ref().is_none_or(|h| !h.brokers_down());
+            if let Some(h) = &self.health {
                 h.set_brokers_down(format!("all brokers are down: {reason}"));
             }
+            if first {
+                tracing::error!(%reason, "all Kafka brokers are down; waiting for them (offsets stay durable in the store)");
+            } else {
+                tracing::debug!(%reason, "all Kafka brokers are still down");
+            }
+            return;
         }
         tracing::error!(error = %error, %reason, "Kafka client error");
     }
