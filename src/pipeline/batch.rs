@@ -447,22 +447,24 @@ impl BatchProcessor {
         let mut letters = Vec::new();
         let mut replies = Vec::new();
         let mut outcomes = Vec::with_capacity(messages.len());
-        let mut next_offsets = BTreeMap::new();
-        let mut deferred: BTreeMap<TopicPartition, Deferral> = BTreeMap::new();
+        // Keyed by borrowed topic names: no allocation per message; the
+        // owned maps of the result are built once per partition at the end.
+        let mut next_offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        let mut deferred: BTreeMap<(&str, i32), Deferral> = BTreeMap::new();
         let mut finished = vec![false; messages.len()];
         // Responses of this batch's new messages, for in-batch duplicates.
         let mut responses: HashMap<ScopedKeyHash, StoredResponse> = HashMap::new();
         for (i, (msg, step)) in messages.iter().zip(steps).enumerate() {
-            let tp = tp_of(msg);
+            let tp = (msg.topic(), msg.partition());
             if deferred.contains_key(&tp) {
                 outcomes.push(None);
                 continue;
             }
-            next_offsets.insert(tp.clone(), msg.offset() + 1);
+            next_offsets.insert(tp, msg.offset() + 1);
             let mut defer = |delay: Duration, held: bool| {
-                next_offsets.insert(tp.clone(), msg.offset());
+                next_offsets.insert(tp, msg.offset());
                 deferred.insert(
-                    tp.clone(),
+                    tp,
                     Deferral {
                         offset: msg.offset(),
                         delay,
@@ -494,10 +496,10 @@ impl BatchProcessor {
                         outcomes.push(None);
                         continue;
                     };
-                    let key = (tp.clone(), msg.offset());
+                    let key = || (tp_of(msg), msg.offset());
                     let (counted, recorded, response) = match answer.verdict {
                         Verdict::Retry { reason, after } => {
-                            let attempts = self.attempts.entry(key.clone()).or_insert(0);
+                            let attempts = self.attempts.entry(key()).or_insert(0);
                             *attempts += 1;
                             let attempts = *attempts;
                             let next = self.retry.after_failure(attempts, after);
@@ -518,13 +520,13 @@ impl BatchProcessor {
                                             attempts, delay_ms, %reason,
                                             "message not finished; its partition waits and retries it");
                                     }
-                                    self.leases.insert(fresh.hash, key);
+                                    self.leases.insert(fresh.hash, key());
                                     defer(delay, held);
                                     outcomes.push(None);
                                     continue;
                                 }
                                 NextStep::DeadLetter => {
-                                    self.attempts.remove(&key);
+                                    self.attempts.remove(&key());
                                     self.leases.remove(&fresh.hash);
                                     letters.push(self.letter(
                                         msg,
@@ -556,7 +558,9 @@ impl BatchProcessor {
                             (Counted::Rejected, RecordOutcome::Rejected, answer.response)
                         }
                     };
-                    self.attempts.remove(&key);
+                    if !self.attempts.is_empty() {
+                        self.attempts.remove(&key());
+                    }
                     self.leases.remove(&fresh.hash);
                     let mut record = new_record(msg, &fresh, now, recorded);
                     record.response = response
@@ -639,9 +643,13 @@ impl BatchProcessor {
             "writing the batch to the dedup store (nothing of this batch was committed)",
         )?;
         m::store_write(began.elapsed(), messages.len());
+        let owned = |(t, p): (&str, i32)| (t.to_string(), p);
         Ok(BatchResult {
-            next_offsets,
-            deferred,
+            next_offsets: next_offsets
+                .into_iter()
+                .map(|(tp, n)| (owned(tp), n))
+                .collect(),
+            deferred: deferred.into_iter().map(|(tp, d)| (owned(tp), d)).collect(),
             counts,
             outcomes,
         })
@@ -703,27 +711,23 @@ impl BatchProcessor {
                 letters.push(l);
                 Counted::Undecodable
             }
-            Decision::Tombstone | Decision::Undecodable(_) | Decision::BadKey(_) => {
-                let (kind, reason, counted) = match decision {
-                    Decision::Tombstone => (
-                        DeadLetterKind::Tombstone,
-                        "null payload (tombstone)".to_string(),
-                        Counted::Tombstone,
-                    ),
-                    Decision::Undecodable(e) => (
-                        DeadLetterKind::Undecodable,
-                        format!("undecodable payload: {e}"),
-                        Counted::Undecodable,
-                    ),
-                    Decision::BadKey(e) => (
-                        DeadLetterKind::BadKey,
-                        format!("no usable idempotency key: {e}"),
-                        Counted::BadKey,
-                    ),
-                    _ => unreachable!("matched above"),
-                };
-                letters.push(self.letter(msg, kind, reason));
-                counted
+            Decision::Tombstone => {
+                letters.push(self.letter(
+                    msg,
+                    DeadLetterKind::Tombstone,
+                    "null payload (tombstone)".into(),
+                ));
+                Counted::Tombstone
+            }
+            Decision::Undecodable(e) => {
+                let reason = format!("undecodable payload: {e}");
+                letters.push(self.letter(msg, DeadLetterKind::Undecodable, reason));
+                Counted::Undecodable
+            }
+            Decision::BadKey(e) => {
+                let reason = format!("no usable idempotency key: {e}");
+                letters.push(self.letter(msg, DeadLetterKind::BadKey, reason));
+                Counted::BadKey
             }
             Decision::Duplicate {
                 first, hash, key, ..

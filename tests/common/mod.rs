@@ -229,14 +229,18 @@ pub struct OwnBroker {
     port: u16,
 }
 
-/// Runs `deploy/broker.sh` with `args` and the data directory; its stdout.
-fn broker_sh(args: &[&str], dir: &Path) -> String {
+/// Runs `deploy/broker.sh` with `args` and the data directory.
+fn run_broker_sh(args: &[&str], dir: &Path) -> std::io::Result<std::process::Output> {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new(format!("{root}/deploy/broker.sh"))
+    std::process::Command::new(format!("{root}/deploy/broker.sh"))
         .args(args)
         .arg(dir)
         .output()
-        .unwrap();
+}
+
+/// Like [`run_broker_sh`], asserting success; its stdout.
+fn broker_sh(args: &[&str], dir: &Path) -> String {
+    let out = run_broker_sh(args, dir).unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -295,11 +299,8 @@ impl OwnBroker {
 
 impl Drop for OwnBroker {
     fn drop(&mut self) {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let _ = std::process::Command::new(format!("{root}/deploy/broker.sh"))
-            .arg("stop")
-            .arg(self.dir.path())
-            .output();
+        // Best effort, without asserting: this may run while a test panics.
+        let _ = run_broker_sh(&["stop"], self.dir.path());
     }
 }
 
