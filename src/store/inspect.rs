@@ -7,8 +7,8 @@
 //! every record.
 
 use super::{
-    decode_record, parse_checkpoint_key, rocks, Bucket, DedupStore, StoreError, META_BUCKET,
-    META_CF, META_SCHEMA, META_WINDOW, OFFSETS_CF, SCHEMA_VERSION,
+    decode_record, family, parse_checkpoint_key, rocks, Bucket, DedupStore, StoreError,
+    META_BUCKET, META_CF, META_SCHEMA, META_WINDOW, OFFSETS_CF, SCHEMA_VERSION,
 };
 use crate::proto::{Checkpoint, DedupRecord};
 use prost::Message as _;
@@ -71,9 +71,9 @@ pub struct VerifyReport {
 
 impl DedupStore {
     fn int_property(&self, cf: &str, name: &str) -> Result<u64, StoreError> {
-        let handle = self.cf(cf)?;
-        Ok(self
-            .db
+        let db = self.db()?;
+        let handle = family(&db, cf)?;
+        Ok(db
             .property_int_value_cf(&handle, name)
             .map_err(rocks(format!("read {name} of {cf}")))?
             .unwrap_or(0))
@@ -170,7 +170,7 @@ impl DedupStore {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&oldest.start_secs);
             if removed {
-                self.db
+                self.db()?
                     .drop_cf(&oldest.name())
                     .map_err(rocks(format!("drop bucket {}", oldest.name())))?;
                 let remaining = self.live_buckets();
@@ -188,9 +188,9 @@ impl DedupStore {
     /// The window the last worker on this store ran with, milliseconds
     /// (stores written before it was recorded: `None`).
     pub fn recorded_window_ms(&self) -> Result<Option<i64>, StoreError> {
-        let meta = self.cf(META_CF)?;
-        Ok(self
-            .db
+        let db = self.db()?;
+        let meta = family(&db, META_CF)?;
+        Ok(db
             .get_cf(&meta, META_WINDOW)
             .map_err(rocks("read the recorded window"))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
@@ -225,12 +225,12 @@ impl DedupStore {
         &self,
         key: &crate::key::ScopedKeyHash,
     ) -> Result<Option<(Bucket, DedupRecord)>, StoreError> {
+        let db = self.db()?;
         for bucket in self.live_buckets() {
-            let Some(cf) = self.db.cf_handle(&bucket.name()) else {
+            let Some(cf) = db.cf_handle(&bucket.name()) else {
                 continue;
             };
-            let found = self
-                .db
+            let found = db
                 .get_pinned_cf(&cf, key.0)
                 .map_err(rocks("look up a key"))?;
             if let Some(bytes) = found {
@@ -244,12 +244,13 @@ impl DedupStore {
     /// checkpoint. Problems are collected, not raised, so one run lists them
     /// all; a RocksDB read error is raised.
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let db = self.db()?;
         let mut report = VerifyReport::default();
-        let meta = self.cf(META_CF)?;
+        let meta = family(&db, META_CF)?;
         // A metadata value as u64; what is missing, unreadable or malformed
         // is a problem to list, not a stop.
         let mut meta_u64 = |k: &[u8], label: &str| -> Option<u64> {
-            let problem = match self.db.get_cf(&meta, k) {
+            let problem = match db.get_cf(&meta, k) {
                 Err(e) => format!("meta: {label} cannot be read: {e}"),
                 Ok(None) => format!("meta: no {label}"),
                 Ok(Some(v)) => match <[u8; 8]>::try_from(v.as_slice()) {
@@ -283,10 +284,10 @@ impl DedupStore {
                     self.opts.bucket_secs
                 ));
             }
-            let Some(cf) = self.db.cf_handle(&b.name()) else {
+            let Some(cf) = db.cf_handle(&b.name()) else {
                 continue;
             };
-            for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
+            for item in db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
                 let (k, v) = match item {
                     Ok(kv) => kv,
                     Err(e) => {
@@ -320,8 +321,8 @@ impl DedupStore {
                 }
             }
         }
-        let offsets = self.cf(OFFSETS_CF)?;
-        for item in self.db.iterator_cf(&offsets, rocksdb::IteratorMode::Start) {
+        let offsets = family(&db, OFFSETS_CF)?;
+        for item in db.iterator_cf(&offsets, rocksdb::IteratorMode::Start) {
             let (k, v) = match item {
                 Ok(kv) => kv,
                 Err(e) => {
@@ -357,8 +358,8 @@ impl DedupStore {
     /// deleted once no read holds them).
     pub fn sst_files(&self, bucket: &Bucket) -> Result<Vec<std::path::PathBuf>, StoreError> {
         let name = bucket.name();
-        Ok(self
-            .db
+        let db = self.db()?;
+        Ok(db
             .live_files()
             .map_err(rocks("list the store's files"))?
             .into_iter()
@@ -370,10 +371,10 @@ impl DedupStore {
     /// Writes memtables to SST files, so sizes on disk are final (backups,
     /// inspection, tests of disk use).
     pub fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
         for name in self.family_names() {
-            if let Some(cf) = self.db.cf_handle(&name) {
-                self.db
-                    .flush_cf(&cf)
+            if let Some(cf) = db.cf_handle(&name) {
+                db.flush_cf(&cf)
                     .map_err(rocks(format!("flush column family {name}")))?;
             }
         }

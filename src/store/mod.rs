@@ -147,6 +147,10 @@ pub enum StoreError {
     /// A handler column family that was not declared at open.
     #[error("column family `{0}` was not opened; handlers must declare their column families")]
     UnknownColumnFamily(String),
+    /// The database is closed: a reopen after a failed write is running or
+    /// failed, and is tried again.
+    #[error("the dedup store at {} is closed after a failure and not reopened yet", .0.display())]
+    Closed(PathBuf),
 }
 
 impl StoreError {
@@ -166,6 +170,7 @@ impl StoreError {
                     | rocksdb::ErrorKind::Incomplete
             ),
             StoreError::Io { .. }
+            | StoreError::Closed(_)
             | StoreError::Full { .. }
             | StoreError::FullAtOneBucket { .. } => true,
             _ => false,
@@ -204,7 +209,8 @@ impl Default for StoreOptions {
 
 /// The dedup store of one worker.
 pub struct DedupStore {
-    db: Db,
+    /// `None` only while a reopen runs or after one failed.
+    db: RwLock<Option<Db>>,
     path: PathBuf,
     opts: StoreOptions,
     clock: Arc<dyn Clock>,
@@ -301,22 +307,23 @@ impl DedupStore {
         };
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
         let mut store = Self::open_inner(path, opts, clock, true)?;
-        let meta = store.cf(META_CF)?;
-        let width = store
-            .db
-            .get_cf(&meta, META_BUCKET)
-            .map_err(rocks("read the bucket width"))?
-            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
-            .ok_or(StoreError::Corrupt {
-                what: "metadata",
-                detail: "no bucket width recorded".into(),
-            })?;
-        let hwm = store
-            .db
-            .get_cf(&meta, META_HWM)
-            .map_err(rocks("read the clock high-water mark"))?
-            .and_then(|v| v.as_slice().try_into().ok().map(i64::from_be_bytes));
-        drop(meta);
+        let (width, hwm) = {
+            let db = store.db()?;
+            let meta = family(&db, META_CF)?;
+            let width = db
+                .get_cf(&meta, META_BUCKET)
+                .map_err(rocks("read the bucket width"))?
+                .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
+                .ok_or(StoreError::Corrupt {
+                    what: "metadata",
+                    detail: "no bucket width recorded".into(),
+                })?;
+            let hwm = db
+                .get_cf(&meta, META_HWM)
+                .map_err(rocks("read the clock high-water mark"))?
+                .and_then(|v| v.as_slice().try_into().ok().map(i64::from_be_bytes));
+            (width, hwm)
+        };
         if let Some(hwm) = hwm {
             store.high_water_ms.store(hwm, Ordering::SeqCst);
         }
@@ -330,47 +337,10 @@ impl DedupStore {
         clock: Arc<dyn Clock>,
         read_only: bool,
     ) -> Result<Self, StoreError> {
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_keep_log_file_num(4);
-        // A torn last record (a crash mid-write of a batch never acknowledged)
-        // is dropped; corruption anywhere else refuses to open instead of
-        // silently losing every batch after it.
-        db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
-        let existing = if path.join("CURRENT").exists() {
-            Db::list_cf(&db_opts, path).map_err(rocks("list the store's column families"))?
-        } else {
-            Vec::new()
-        };
-        let mut names: BTreeSet<String> = existing.into_iter().collect();
-        names.insert(META_CF.into());
-        names.insert(OFFSETS_CF.into());
-        names.extend(opts.handler_cfs.iter().map(|s| s.to_string()));
-        names.remove("default");
-        let descriptors = names.iter().map(|n| {
-            let o = if Bucket::parse(n, 1).is_some() {
-                bucket_cf_options()
-            } else {
-                Options::default()
-            };
-            ColumnFamilyDescriptor::new(n, o)
-        });
-        let db = if read_only {
-            let all: Vec<String> =
-                Db::list_cf(&db_opts, path).map_err(rocks("list the store's column families"))?;
-            Db::open_cf_for_read_only(&db_opts, path, all, false)
-        } else {
-            Db::open_cf_descriptors(&db_opts, path, descriptors)
-        }
-        .map_err(rocks(format!("open the store at {}", path.display())))?;
-        let buckets = names
-            .iter()
-            .filter_map(|n| Bucket::parse(n, opts.bucket_secs))
-            .map(|b| b.start_secs)
-            .collect();
+        let (db, names) = open_db(path, &opts, read_only)?;
+        let buckets = bucket_starts(&names, opts.bucket_secs);
         let store = Self {
-            db,
+            db: RwLock::new(Some(db)),
             path: path.to_path_buf(),
             opts,
             clock,
@@ -385,12 +355,10 @@ impl DedupStore {
     }
 
     fn check_meta(&self) -> Result<(), StoreError> {
-        let meta = self.cf(META_CF)?;
+        let db = self.db()?;
+        let meta = family(&db, META_CF)?;
         let read_u64 = |k: &[u8]| -> Result<Option<u64>, StoreError> {
-            let v = self
-                .db
-                .get_cf(&meta, k)
-                .map_err(rocks("read store metadata"))?;
+            let v = db.get_cf(&meta, k).map_err(rocks("read store metadata"))?;
             v.map(|v| {
                 v.as_slice()
                     .try_into()
@@ -411,8 +379,7 @@ impl DedupStore {
                 })
             }
             Some(_) => {}
-            None => self
-                .db
+            None => db
                 .put_cf(&meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes())
                 .map_err(rocks("write the schema version"))?,
         }
@@ -425,8 +392,7 @@ impl DedupStore {
                 })
             }
             Some(_) => {}
-            None => self
-                .db
+            None => db
                 .put_cf(
                     &meta,
                     META_BUCKET,
@@ -434,23 +400,46 @@ impl DedupStore {
                 )
                 .map_err(rocks("write the bucket width"))?,
         }
-        self.db
-            .put_cf(
-                &meta,
-                META_WINDOW,
-                (self.opts.window_ms as u64).to_be_bytes(),
-            )
-            .map_err(rocks("write the window"))?;
+        db.put_cf(
+            &meta,
+            META_WINDOW,
+            (self.opts.window_ms as u64).to_be_bytes(),
+        )
+        .map_err(rocks("write the window"))?;
         if let Some(hwm) = read_u64(META_HWM)? {
-            self.high_water_ms.store(hwm as i64, Ordering::SeqCst);
+            self.high_water_ms.fetch_max(hwm as i64, Ordering::SeqCst);
         }
         Ok(())
     }
 
-    fn cf(&self, name: &str) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>, StoreError> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| StoreError::UnknownColumnFamily(name.to_string()))
+    /// The open database, or [`StoreError::Closed`] between a failed reopen
+    /// and the next one. Held for one operation; never across a call that
+    /// takes it again (a reopen waiting for the lock would deadlock it).
+    fn db(&self) -> Result<DbRef<'_>, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            return Err(StoreError::Closed(self.path.clone()));
+        }
+        Ok(DbRef(guard))
+    }
+
+    /// Closes the database and opens it again, with the options it was
+    /// opened with. RocksDB keeps the error of a failed write (a full disk,
+    /// a read-only or failing filesystem) and refuses every later write until
+    /// the database is opened again; rust-rocksdb has no `Resume()`. Waits
+    /// for operations in progress; while it runs, and after it failed, every
+    /// operation fails with [`StoreError::Closed`] (a transient error), so a
+    /// worker can keep trying.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        // Closing first: RocksDB's lock file allows one open per process.
+        *slot = None;
+        let (db, names) = open_db(&self.path, &self.opts, false)?;
+        *self.buckets.write().unwrap_or_else(|e| e.into_inner()) =
+            bucket_starts(&names, self.opts.bucket_secs);
+        *slot = Some(db);
+        drop(slot);
+        self.check_meta()
     }
 
     /// The store's options.
@@ -510,6 +499,7 @@ impl DedupStore {
         &self,
         keys: &[ScopedKeyHash],
     ) -> Result<Vec<Option<DedupRecord>>, StoreError> {
+        let db = self.db()?;
         let now = self
             .clock
             .now_ms()
@@ -525,12 +515,10 @@ impl DedupStore {
             }
             // A bucket dropped since the list was taken has no handle: skip
             // it. A handle taken keeps the column family alive for this read.
-            let Some(cf) = self.db.cf_handle(&bucket.name()) else {
+            let Some(cf) = db.cf_handle(&bucket.name()) else {
                 continue;
             };
-            let results =
-                self.db
-                    .batched_multi_get_cf(&cf, pending.iter().map(|&i| &keys[i].0), false);
+            let results = db.batched_multi_get_cf(&cf, pending.iter().map(|&i| &keys[i].0), false);
             let mut still = Vec::with_capacity(pending.len());
             for (&i, r) in pending.iter().zip(results) {
                 match r.map_err(rocks("look up keys"))? {
@@ -545,9 +533,9 @@ impl DedupStore {
 
     /// The next offset to process for a partition, if one was checkpointed.
     pub fn checkpoint(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        let cf = self.cf(OFFSETS_CF)?;
-        let v = self
-            .db
+        let db = self.db()?;
+        let cf = family(&db, OFFSETS_CF)?;
+        let v = db
             .get_cf(&cf, checkpoint_key(topic, partition))
             .map_err(rocks("read a partition checkpoint"))?;
         v.map(|bytes| {
@@ -563,9 +551,10 @@ impl DedupStore {
 
     /// Every checkpoint in the store: (topic, partition, next offset).
     pub fn checkpoints(&self) -> Result<Vec<(String, i32, i64)>, StoreError> {
-        let cf = self.cf(OFFSETS_CF)?;
+        let db = self.db()?;
+        let cf = family(&db, OFFSETS_CF)?;
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
+        for item in db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(rocks("read checkpoints"))?;
             let Some((topic, partition)) = parse_checkpoint_key(&k) else {
                 return Err(StoreError::Corrupt {
@@ -584,17 +573,17 @@ impl DedupStore {
 
     /// Reads a committed value of a handler column family.
     pub fn get_handler_value(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let handle = self.cf(cf)?;
-        self.db
-            .get_cf(&handle, key)
+        let db = self.db()?;
+        let handle = family(&db, cf)?;
+        db.get_cf(&handle, key)
             .map_err(rocks(format!("read from column family `{cf}`")))
     }
 
     /// Every committed (key, value) of a handler column family, in key order.
     pub fn scan_handler_cf(&self, cf: &str) -> Result<Vec<KeyValue>, StoreError> {
-        let handle = self.cf(cf)?;
-        self.db
-            .iterator_cf(&handle, rocksdb::IteratorMode::Start)
+        let db = self.db()?;
+        let handle = family(&db, cf)?;
+        db.iterator_cf(&handle, rocksdb::IteratorMode::Start)
             .map(|item| {
                 item.map(|(k, v)| (k.to_vec(), v.to_vec()))
                     .map_err(rocks(format!("scan column family `{cf}`")))
@@ -602,7 +591,7 @@ impl DedupStore {
             .collect()
     }
 
-    fn ensure_bucket(&self, bucket: Bucket) -> Result<(), StoreError> {
+    fn ensure_bucket(&self, db: &Db, bucket: Bucket) -> Result<(), StoreError> {
         let exists = self
             .buckets
             .read()
@@ -612,9 +601,8 @@ impl DedupStore {
             return Ok(());
         }
         let name = bucket.name();
-        if self.db.cf_handle(&name).is_none() {
-            self.db
-                .create_cf(&name, &bucket_cf_options())
+        if db.cf_handle(&name).is_none() {
+            db.create_cf(&name, &bucket_cf_options())
                 .map_err(rocks(format!("create bucket {name}")))?;
             tracing::info!(bucket = %name, "created bucket");
         }
@@ -629,17 +617,18 @@ impl DedupStore {
     /// was opened with `sync = false`), together with the clock's high-water
     /// mark.
     pub fn commit(&self, batch: StoreBatch) -> Result<(), StoreError> {
+        let db = self.db()?;
         if batch.is_empty() {
             return Ok(());
         }
         let now = self.processing_time();
         let mut wb = WriteBatch::default();
         for (key, (bucket, record)) in &batch.records {
-            self.ensure_bucket(*bucket)?;
-            let cf = self.cf(&bucket.name())?;
+            self.ensure_bucket(&db, *bucket)?;
+            let cf = family(&db, &bucket.name())?;
             wb.put_cf(&cf, key.0, record.encode_to_vec());
         }
-        let offsets = self.cf(OFFSETS_CF)?;
+        let offsets = family(&db, OFFSETS_CF)?;
         for ((topic, partition), next) in &batch.checkpoints {
             let c = Checkpoint {
                 next_offset: *next,
@@ -652,18 +641,17 @@ impl DedupStore {
             );
         }
         for ((cf, key), value) in &batch.effects {
-            let handle = self.cf(cf)?;
+            let handle = family(&db, cf)?;
             match value {
                 Some(v) => wb.put_cf(&handle, key, v),
                 None => wb.delete_cf(&handle, key),
             }
         }
-        let meta = self.cf(META_CF)?;
+        let meta = family(&db, META_CF)?;
         wb.put_cf(&meta, META_HWM, (now as u64).to_be_bytes());
         let mut wo = WriteOptions::default();
         wo.set_sync(self.opts.sync);
-        self.db
-            .write_opt(wb, &wo)
+        db.write_opt(wb, &wo)
             .map_err(rocks("write a batch of dedup records"))
     }
 
@@ -672,21 +660,21 @@ impl DedupStore {
     /// anything again after a failed batch, so that a broken store costs no
     /// handler call.
     pub fn probe(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
         let now = self.processing_time();
-        let meta = self.cf(META_CF)?;
+        let meta = family(&db, META_CF)?;
         let mut wb = WriteBatch::default();
         wb.put_cf(&meta, META_HWM, (now as u64).to_be_bytes());
         let mut wo = WriteOptions::default();
         wo.set_sync(self.opts.sync);
-        self.db
-            .write_opt(wb, &wo)
-            .map_err(rocks("write a probe record"))
+        db.write_opt(wb, &wo).map_err(rocks("write a probe record"))
     }
 
     /// Drops every bucket whose end is at least a window old at processing
     /// time `now_ms`. Returns the buckets dropped. Safe to run concurrently
     /// with lookups and with itself.
     pub fn expire(&self, now_ms: i64) -> Result<Vec<Bucket>, StoreError> {
+        let db = self.db()?;
         let mut dropped = Vec::new();
         for bucket in self.expired_buckets(now_ms) {
             let removed = self
@@ -697,13 +685,85 @@ impl DedupStore {
             if !removed {
                 continue; // another expiry run got it
             }
-            self.db
-                .drop_cf(&bucket.name())
+            db.drop_cf(&bucket.name())
                 .map_err(rocks(format!("drop bucket {}", bucket.name())))?;
             tracing::info!(bucket = %bucket.name(), "dropped expired bucket");
             dropped.push(bucket);
         }
         Ok(dropped)
+    }
+}
+
+/// Opens the database at `path` with every column family it has plus the
+/// fixed and handler ones; returns it with the names of its families.
+fn open_db(
+    path: &Path,
+    opts: &StoreOptions,
+    read_only: bool,
+) -> Result<(Db, BTreeSet<String>), StoreError> {
+    let mut db_opts = Options::default();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_keep_log_file_num(4);
+    // A torn last record (a crash mid-write of a batch never acknowledged)
+    // is dropped; corruption anywhere else refuses to open instead of
+    // silently losing every batch after it.
+    db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+    let existing = if path.join("CURRENT").exists() {
+        Db::list_cf(&db_opts, path).map_err(rocks("list the store's column families"))?
+    } else {
+        Vec::new()
+    };
+    let mut names: BTreeSet<String> = existing.into_iter().collect();
+    names.insert(META_CF.into());
+    names.insert(OFFSETS_CF.into());
+    names.extend(opts.handler_cfs.iter().map(|s| s.to_string()));
+    names.remove("default");
+    let descriptors = names.iter().map(|n| {
+        let o = if Bucket::parse(n, 1).is_some() {
+            bucket_cf_options()
+        } else {
+            Options::default()
+        };
+        ColumnFamilyDescriptor::new(n, o)
+    });
+    let db = if read_only {
+        let all: Vec<String> =
+            Db::list_cf(&db_opts, path).map_err(rocks("list the store's column families"))?;
+        Db::open_cf_for_read_only(&db_opts, path, all, false)
+    } else {
+        Db::open_cf_descriptors(&db_opts, path, descriptors)
+    }
+    .map_err(rocks(format!("open the store at {}", path.display())))?;
+    Ok((db, names))
+}
+
+/// The starts of the buckets among column family names.
+fn bucket_starts(names: &BTreeSet<String>, bucket_secs: i64) -> BTreeSet<i64> {
+    names
+        .iter()
+        .filter_map(|n| Bucket::parse(n, bucket_secs))
+        .map(|b| b.start_secs)
+        .collect()
+}
+
+/// A column family of the open database.
+fn family<'a>(db: &'a Db, name: &str) -> Result<Arc<rocksdb::BoundColumnFamily<'a>>, StoreError> {
+    db.cf_handle(name)
+        .ok_or_else(|| StoreError::UnknownColumnFamily(name.to_string()))
+}
+
+/// A read lock on the open database, for one operation.
+struct DbRef<'a>(std::sync::RwLockReadGuard<'a, Option<Db>>);
+
+impl std::ops::Deref for DbRef<'_> {
+    type Target = Db;
+    fn deref(&self) -> &Db {
+        // `DedupStore::db` hands one out only when the database is open, and
+        // the read lock keeps it open.
+        self.0
+            .as_ref()
+            .expect("a DbRef is made only for an open database")
     }
 }
 
@@ -837,6 +897,30 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_reopened_store_keeps_its_records_buckets_and_clock_and_takes_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(100 * HOUR);
+        let store = open(dir.path(), &clock);
+        let key = ScopedKeyHash::new("s", &IdempotencyKey(b"k".to_vec()));
+        let mut b = StoreBatch::new();
+        let now = store.processing_time();
+        b.record(key, store.bucket_for(now), record(now));
+        b.checkpoint("t", 0, 10);
+        store.commit(b).unwrap();
+        clock.set(99 * HOUR);
+        store.reopen().unwrap();
+        assert_eq!(store.lookup(&key).unwrap().unwrap().source_offset, 9);
+        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(10));
+        assert_eq!(store.live_buckets().len(), 1);
+        assert_eq!(store.processing_time(), 100 * HOUR);
+        let mut b = StoreBatch::new();
+        b.checkpoint("t", 0, 11);
+        store.commit(b).unwrap();
+        store.probe().unwrap();
+        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(11));
     }
 
     #[test]
