@@ -172,6 +172,23 @@ pub enum OnStoreFull {
     DropOldest,
 }
 
+/// What a topic's messages do while the dedup store cannot be written
+/// (a full disk, a read-only or failing filesystem, a store being reopened).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreFailure {
+    /// Handle nothing and commit nothing until the store takes writes again:
+    /// for payments, no message is handled without durable dedup.
+    #[default]
+    FailClosed,
+    /// Keep handling, with dedup against the store's reads (when they still
+    /// work) and a bounded in-memory guard of the keys handled since the
+    /// failure; offsets are committed; every such message is counted as
+    /// unverified, and the guard is written into the store when it returns.
+    /// Needs `handler = "http"`: the ledger's balances live in the store.
+    FailOpen,
+}
+
 /// Per-topic overrides of how keys are derived, scoped and decoded
 /// (`[topic_rules.<topic>]`); what is not set comes from the top level.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +204,8 @@ pub struct TopicRules {
     pub scope: Option<String>,
     /// How this topic's payloads are encoded.
     pub payload_format: Option<PayloadFormat>,
+    /// What this topic does while the store cannot be written.
+    pub on_store_failure: Option<OnStoreFailure>,
 }
 
 /// A named scope's own settings (`[scopes.<name>]`).
@@ -246,6 +265,12 @@ pub struct Config {
     /// What happens over `max_store_bytes`: `fail_closed` (stop handling)
     /// or `drop_oldest` (forget the oldest keys early, loudly).
     pub on_store_full: OnStoreFull,
+    /// What topics do while the store cannot be written: `fail_closed`
+    /// (default) or `fail_open`; `topic_rules.<topic>` may override it.
+    pub on_store_failure: OnStoreFailure,
+    /// Most keys the fail-open guard holds in memory; past it the oldest are
+    /// forgotten (and counted), so memory stays bounded.
+    pub fail_open_max_keys: usize,
     /// Largest payload handled, bytes; a larger one is dead-lettered
     /// (`too_large`, without its payload). 0: no limit but the fetch limit.
     pub max_payload_bytes: usize,
@@ -305,6 +330,8 @@ impl Default for Config {
             bucket_clock: BucketClock::Processing,
             max_store_bytes: 0,
             on_store_full: OnStoreFull::FailClosed,
+            on_store_failure: OnStoreFailure::FailClosed,
+            fail_open_max_keys: 100_000,
             max_payload_bytes: 0,
             batch_size: 500,
             batch_linger_ms: 10,
@@ -351,6 +378,8 @@ const ENV_FIELDS: &[(&str, Kind)] = &[
     ("bucket_clock", Kind::Str),
     ("max_store_bytes", Kind::Int),
     ("on_store_full", Kind::Str),
+    ("on_store_failure", Kind::Str),
+    ("fail_open_max_keys", Kind::Int),
     ("max_payload_bytes", Kind::Int),
     ("batch_size", Kind::Int),
     ("batch_linger_ms", Kind::Int),
@@ -623,6 +652,7 @@ impl Config {
             }
         }
         crate::kafka::check_properties(self)?;
+        self.validate_store_failure()?;
         self.validate_http()?;
         self.validate_retry()?;
         if !self.metrics.listen.is_empty()
@@ -631,6 +661,42 @@ impl Config {
             bail!(
                 "`metrics.listen` must be host:port with a numeric host such as \"127.0.0.1:9464\" (or empty to disable), got {:?}",
                 self.metrics.listen
+            );
+        }
+        Ok(())
+    }
+
+    /// The policy of `topic` while the store cannot be written.
+    pub fn on_store_failure_for(&self, topic: &str) -> OnStoreFailure {
+        self.topic_rules
+            .get(topic)
+            .and_then(|r| r.on_store_failure)
+            .unwrap_or(self.on_store_failure)
+    }
+
+    fn validate_store_failure(&self) -> anyhow::Result<()> {
+        let open: Vec<&str> = self
+            .topics
+            .iter()
+            .filter(|t| self.on_store_failure_for(t) == OnStoreFailure::FailOpen)
+            .map(String::as_str)
+            .collect();
+        let open_anywhere = !open.is_empty()
+            || self.on_store_failure == OnStoreFailure::FailOpen
+            || self
+                .topic_rules
+                .values()
+                .any(|r| r.on_store_failure == Some(OnStoreFailure::FailOpen));
+        if open_anywhere && self.handler != HandlerKind::Http {
+            bail!(
+                "`on_store_failure = \"fail_open\"`{} needs `handler = \"http\"`: the ledger handler's balances are written in the dedup store's own batch, so it cannot run while the store is down; use `fail_closed`",
+                if open.is_empty() { String::new() } else { format!(" (topics {open:?})") }
+            );
+        }
+        if !(1..=10_000_000).contains(&self.fail_open_max_keys) {
+            bail!(
+                "`fail_open_max_keys` must be between 1 and 10000000, got {}",
+                self.fail_open_max_keys
             );
         }
         Ok(())
@@ -982,6 +1048,57 @@ mod tests {
             ]
         );
         assert_eq!(c.dead_letter_topic_for("x"), "x.dlq");
+    }
+
+    #[test]
+    fn fail_open_needs_the_http_handler_and_may_be_set_per_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("idem.toml");
+        std::fs::write(
+            &file,
+            "topics = [\"a\", \"b\"]\n[topic_rules.b]\non_store_failure = \"fail_open\"\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&file), env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(
+                "`on_store_failure = \"fail_open\"` (topics [\"b\"]) needs `handler = \"http\"`"
+            ),
+            "{text}"
+        );
+        let c = Config::load(Some(&file), env(&[("IDEM_HANDLER", "http")])).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.on_store_failure_for("a"), OnStoreFailure::FailClosed);
+        assert_eq!(c.on_store_failure_for("b"), OnStoreFailure::FailOpen);
+        let err = Config::load(
+            None,
+            env(&[
+                ("IDEM_TOPICS", "a"),
+                ("IDEM_HANDLER", "http"),
+                ("IDEM_ON_STORE_FAILURE", "fail_opn"),
+            ]),
+        )
+        .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("in `on_store_failure`"), "{text}");
+        assert!(text.contains("fail_open"), "{text}");
+        let err = Config::load(
+            None,
+            env(&[
+                ("IDEM_TOPICS", "a"),
+                ("IDEM_HANDLER", "http"),
+                ("IDEM_FAIL_OPEN_MAX_KEYS", "0"),
+            ]),
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(format!("{err:#}")
+            .contains("`fail_open_max_keys` must be between 1 and 10000000, got 0"));
     }
 
     #[test]

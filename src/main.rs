@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use idem::config::{Config, ResumeFrom};
-use idem::pipeline::{Stats, StopWhen, StoreStuck, Worker};
+use idem::pipeline::{Stats, StopWhen, Worker};
 use idem::replay::{Position, Replay};
 use idem::shutdown::Signals;
 use idem::store::StoreError;
@@ -323,9 +323,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// Whether an error is a store failure that may pass by itself.
 fn store_may_recover(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<StoreStuck>().is_some()
-            || c.downcast_ref::<StoreError>()
-                .is_some_and(StoreError::is_transient)
+        c.downcast_ref::<StoreError>()
+            .is_some_and(StoreError::is_transient)
     })
 }
 

@@ -17,17 +17,18 @@
 //!   offset, and the caller is told when to try again. The other partitions
 //!   of the batch are unaffected.
 
-use crate::config::{BucketClock, Config, OnStoreFull};
+use crate::config::{BucketClock, Config, OnStoreFailure, OnStoreFull};
 use crate::dlq::{DeadLetter, DeadLetterKind, DeadLetters};
 use crate::handler::{Answer, AnyHandler, Delivery, RemoteHandler, Verdict};
 use crate::key::{Fingerprint, ScopedKeyHash};
 use crate::pipeline::decide::{Decider, Decision, Fresh, Prepared};
+use crate::pipeline::guard::Guard;
 use crate::pipeline::rebalance::TopicPartition;
 use crate::pipeline::retry::{NextStep, RetryPolicy};
 use crate::pipeline::stats::{BatchCounts, Counted};
 use crate::proto::{DedupRecord, RecordOutcome, StoredResponse};
 use crate::reply::Reply;
-use crate::store::{DedupStore, StoreBatch};
+use crate::store::{DedupStore, StoreBatch, StoreError};
 use crate::telemetry::metrics as m;
 use anyhow::Context as _;
 use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
@@ -76,6 +77,10 @@ pub struct BatchProcessor {
     pub keep_response_bytes: usize,
     /// Partitions of one batch a remote handler is called for at once.
     pub max_in_flight: usize,
+    /// Topics with `on_store_failure = "fail_open"`.
+    pub fail_open: HashSet<String>,
+    /// What fail-open topics remember while the store cannot be written.
+    guard: Guard,
     /// Failed attempts of messages not finished yet.
     attempts: HashMap<(TopicPartition, i64), u32>,
     /// Keys of messages waiting for a retry, and where each waits.
@@ -105,6 +110,21 @@ pub struct BatchResult {
     /// The outcome of each message, in the order given; `None` for a
     /// deferred one.
     pub outcomes: Vec<Option<MessageOutcome>>,
+    /// True when the store could not be written and the batch's records
+    /// went to the fail-open guard instead (its offsets may still be
+    /// committed: the operator chose `fail_open`).
+    pub unverified: bool,
+}
+
+/// True for a store failure that fail-open topics go on through: the store
+/// cannot be read or written now. A store over `max_store_bytes` is not one
+/// (`on_store_full` decides), nor is a damaged store.
+fn store_down(e: &StoreError) -> bool {
+    e.is_transient()
+        && !matches!(
+            e,
+            StoreError::Full { .. } | StoreError::FullAtOneBucket { .. }
+        )
 }
 
 /// The outcome of one message of a batch.
@@ -206,6 +226,13 @@ impl BatchProcessor {
                 .then(|| config.http.reply_topic.clone()),
             keep_response_bytes: config.http.keep_response_bytes,
             max_in_flight: config.http.max_in_flight,
+            fail_open: config
+                .topics
+                .iter()
+                .filter(|t| config.on_store_failure_for(t) == OnStoreFailure::FailOpen)
+                .cloned()
+                .collect(),
+            guard: Guard::new(config.fail_open_max_keys),
             attempts: HashMap::new(),
             leases: HashMap::new(),
         })
@@ -216,6 +243,36 @@ impl BatchProcessor {
     pub fn forget_partitions(&mut self, revoked: &HashSet<TopicPartition>) {
         self.attempts.retain(|(tp, _), _| !revoked.contains(tp));
         self.leases.retain(|_, (tp, _)| !revoked.contains(tp));
+        self.guard.forget_partitions(revoked);
+    }
+
+    /// The fail-open guard.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// True when every message of `messages` belongs to a fail-open topic,
+    /// so the batch may go on with the guard if the store fails.
+    pub fn may_fail_open(&self, messages: &[OwnedMessage]) -> bool {
+        !self.fail_open.is_empty() && messages.iter().all(|m| self.fail_open.contains(m.topic()))
+    }
+
+    /// Writes what the guard holds into the store, which takes writes again;
+    /// returns the records written. On failure the guard keeps everything.
+    pub fn flush_guard(&mut self) -> Result<u64, StoreError> {
+        if self.guard.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = StoreBatch::new();
+        let n = self.guard.merge_into(&mut batch);
+        self.store.commit_ref(&batch)?;
+        self.guard.clear();
+        m::guard(0, 0);
+        tracing::warn!(
+            records = n,
+            "the dedup store takes writes again: wrote the keys handled while it was down (fail open) into it"
+        );
+        Ok(n)
     }
 
     fn letter(&self, msg: &OwnedMessage, kind: DeadLetterKind, reason: String) -> DeadLetter {
@@ -419,27 +476,47 @@ impl BatchProcessor {
     pub fn process(&mut self, messages: &[OwnedMessage]) -> anyhow::Result<BatchResult> {
         let (max_bytes, drop_oldest) = self.size_cap;
         let mut counts = BatchCounts::default();
+        let guardable = self.may_fail_open(messages);
         if max_bytes > 0 {
-            let dropped = self
-                .store
-                .enforce_size_cap(max_bytes, drop_oldest)
-                .context("checking max_store_bytes (nothing of this batch was handled)")?;
-            counts.early_bucket_drops = dropped.len() as u64;
+            match self.store.enforce_size_cap(max_bytes, drop_oldest) {
+                Ok(dropped) => counts.early_bucket_drops = dropped.len() as u64,
+                Err(e) if guardable && store_down(&e) => {
+                    tracing::debug!(error = %e, "size cap not checked: the store fails (fail open)")
+                }
+                Err(e) => {
+                    return Err(e)
+                        .context("checking max_store_bytes (nothing of this batch was handled)")
+                }
+            }
         }
         let now = self.store.processing_time();
         let bucket = self.store.bucket_for(now);
         let mut batch = StoreBatch::new();
 
         // Every key first, then one batched read per bucket for all of them.
-        let (prepared, stored) = self
+        let store = &self.store;
+        let (prepared, mut stored) = self
             .decider
-            .prepare_batch(messages, &self.store)
+            .prepare_batch_with(messages, |keys| match store.lookup_many(keys) {
+                Err(e) if guardable && store_down(&e) => {
+                    tracing::debug!(error = %e, "keys looked up in the fail-open guard only: the store cannot be read");
+                    Ok(vec![None; keys.len()])
+                }
+                found => found,
+            })
             .with_context(|| {
                 format!(
                     "looking up the keys of a batch of {} messages",
                     messages.len()
                 )
             })?;
+        if !self.guard.is_empty() {
+            for h in prepared.iter().filter_map(Prepared::hash) {
+                if let Some(r) = self.guard.get(&h) {
+                    stored.insert_missing(h, r);
+                }
+            }
+        }
         let steps = self.decide_all(messages, prepared, &stored, now);
         let mut answers = self.call_handler(messages, &steps, &mut batch);
 
@@ -639,10 +716,26 @@ impl BatchProcessor {
             counts.replies = replies.len() as u64;
         }
         let began = Instant::now();
-        self.store.commit(batch).context(
-            "writing the batch to the dedup store (nothing of this batch was committed)",
-        )?;
-        m::store_write(began.elapsed(), messages.len());
+        let mut unverified = false;
+        match self.store.commit_ref(&batch) {
+            Ok(()) => m::store_write(began.elapsed(), messages.len()),
+            Err(e) if guardable && store_down(&e) => {
+                unverified = true;
+                counts.unverified = counts.handler_calls();
+                counts.guard_evictions = self
+                    .guard
+                    .absorb(batch)
+                    .context("keeping the batch in the fail-open guard")?;
+                m::guard(self.guard.len(), counts.guard_evictions);
+                tracing::debug!(error = %e, unverified = counts.unverified, guard = self.guard.len(),
+                    "batch kept in the fail-open guard: the store cannot be written");
+            }
+            Err(e) => {
+                return Err(e).context(
+                    "writing the batch to the dedup store (nothing of this batch was committed)",
+                )
+            }
+        }
         let owned = |(t, p): (&str, i32)| (t.to_string(), p);
         Ok(BatchResult {
             next_offsets: next_offsets
@@ -652,6 +745,7 @@ impl BatchProcessor {
             deferred: deferred.into_iter().map(|(tp, d)| (owned(tp), d)).collect(),
             counts,
             outcomes,
+            unverified,
         })
     }
 
@@ -1147,6 +1241,67 @@ mod tests {
             max_attempts,
             on_exhausted,
         }
+    }
+
+    #[test]
+    fn fail_open_goes_on_with_the_guard_while_the_store_is_closed_and_writes_it_back() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t.dlq", 2, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, h) = remote(
+            &cluster,
+            dir.path(),
+            &[],
+            policy(5, crate::config::OnExhausted::Pause),
+        );
+        p.fail_open.insert("t".into());
+        let first = [msg(0, 0, &event("a", 1)), msg(0, 1, &event("b", 1))];
+        assert!(!p.process(&first).unwrap().unverified);
+        p.store.close();
+        // The store cannot be read either: `a` is new again to this worker
+        // (failing open means exactly that); `d` twice is caught in-batch.
+        let broken = [
+            msg(0, 2, &event("a", 1)),
+            msg(0, 3, &event("d", 1)),
+            msg(0, 4, &event("d", 1)),
+            msg(1, 0, &event("e", 1)),
+        ];
+        let r = p.process(&broken).unwrap();
+        assert!(r.unverified);
+        assert_eq!(r.counts.unverified, 3);
+        assert_eq!(r.counts.handler_calls(), 3);
+        assert_eq!(r.next_offsets[&("t".to_string(), 0)], 5);
+        assert_eq!(p.guard().len(), 3);
+        // Redeliveries while broken are duplicates, from the guard.
+        let again = [msg(0, 5, &event("d", 1)), msg(1, 1, &event("e", 1))];
+        let r = p.process(&again).unwrap();
+        assert_eq!(r.counts.handler_calls(), 0);
+        assert_eq!(
+            r.outcomes
+                .iter()
+                .map(|o| o.unwrap().counted)
+                .collect::<Vec<_>>(),
+            vec![Counted::Duplicate, Counted::Duplicate]
+        );
+        // Partitions are called concurrently: compare as a multiset.
+        let mut calls = h.calls();
+        calls.sort();
+        assert_eq!(calls, vec!["a", "a", "b", "d", "e"]);
+        // A fail-closed topic's batch is not guarded.
+        p.fail_open.clear();
+        assert!(p.process(&[msg(0, 6, &event("f", 1))]).is_err());
+        p.fail_open.insert("t".into());
+        // The store returns: the guard goes into it, with the checkpoints.
+        p.store.reopen().unwrap();
+        assert_eq!(p.flush_guard().unwrap(), 3);
+        assert!(p.guard().is_empty());
+        let d = ScopedKeyHash::new("s", &IdempotencyKey(b"d".to_vec()));
+        assert_eq!(p.store.lookup(&d).unwrap().unwrap().source_offset, 3);
+        assert_eq!(p.store.checkpoint("t", 0).unwrap(), Some(6));
+        assert_eq!(p.store.checkpoint("t", 1).unwrap(), Some(2));
+        let r = p.process(&[msg(0, 6, &event("e", 1))]).unwrap();
+        assert!(!r.unverified);
+        assert_eq!(r.outcomes[0].unwrap().counted, Counted::Duplicate);
     }
 
     #[test]

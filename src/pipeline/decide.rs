@@ -235,9 +235,19 @@ impl Decider {
         messages: &[OwnedMessage],
         store: &DedupStore,
     ) -> Result<(Vec<Prepared>, StoredRecords), StoreError> {
+        self.prepare_batch_with(messages, |keys| store.lookup_many(keys))
+    }
+
+    /// Like [`Decider::prepare_batch`], with the keys looked up by `lookup`
+    /// (one call for the whole batch, records in the order of the keys).
+    pub fn prepare_batch_with(
+        &self,
+        messages: &[OwnedMessage],
+        lookup: impl FnOnce(&[ScopedKeyHash]) -> Result<Vec<Option<DedupRecord>>, StoreError>,
+    ) -> Result<(Vec<Prepared>, StoredRecords), StoreError> {
         let prepared: Vec<Prepared> = messages.iter().map(|m| self.prepare(m)).collect();
         let hashes: Vec<ScopedKeyHash> = prepared.iter().filter_map(Prepared::hash).collect();
-        let found = store.lookup_many(&hashes)?;
+        let found = lookup(&hashes)?;
         let stored = hashes
             .into_iter()
             .zip(found)
@@ -291,6 +301,14 @@ impl Decider {
 /// What the store held for the keys of a batch, looked up together.
 #[derive(Debug, Default)]
 pub struct StoredRecords(HashMap<ScopedKeyHash, DedupRecord>);
+
+impl StoredRecords {
+    /// Adds a record known from elsewhere (the fail-open guard) for a key
+    /// the store did not return.
+    pub fn insert_missing(&mut self, key: ScopedKeyHash, record: &DedupRecord) {
+        self.0.entry(key).or_insert_with(|| record.clone());
+    }
+}
 
 /// A message prepared for a decision: see [`Decider::prepare`].
 #[derive(Debug)]

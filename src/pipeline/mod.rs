@@ -22,12 +22,14 @@
 
 mod batch;
 pub mod decide;
+pub mod guard;
 pub mod rebalance;
 pub mod retry;
 mod stats;
 
 pub use batch::{BatchProcessor, BatchResult, Deferral, MessageOutcome};
 pub use decide::{Decider, Decision, Prepared, StoredRecords, TopicRule};
+pub use guard::Guard;
 pub use rebalance::{Assignment, IdemContext, TopicPartition};
 pub use retry::RetryPolicy;
 pub use stats::{BatchCounts, Counted, RunSummary, Stats};
@@ -60,24 +62,15 @@ const CAUGHT_UP_CHECK: Duration = Duration::from_millis(500);
 /// How often the lag and store gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// How many probe writes in a row may fail before the worker stops so that
-/// its store can be reopened: RocksDB keeps the error of a failed write (a
-/// full disk, an I/O error) until the database is opened again.
+/// How many probe writes in a row may fail before the worker reopens its
+/// store: RocksDB keeps the error of a failed write (a full disk, an I/O
+/// error, a read-only filesystem) until the database is opened again.
 const REOPEN_AFTER_PROBES: u32 = 5;
-
-/// The store failed [`REOPEN_AFTER_PROBES`] probe writes in a row: the
-/// worker stopped (having committed nothing past its durable state) so that
-/// the caller reopens the store and starts it again.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the dedup store failed {probes} probe writes in a row (last: {last}); it must be reopened"
-)]
-pub struct StoreStuck {
-    /// Probe writes that failed.
-    pub probes: u32,
-    /// The last error.
-    pub last: String,
-}
+/// The shortest time between two reopens of a failing store.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often an idle worker with keys in its fail-open guard checks whether
+/// the store takes writes again.
+const IDLE_RECOVERY_CHECK: Duration = Duration::from_secs(1);
 
 /// When the loop stops by itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -242,7 +235,8 @@ impl Worker {
             generation_seen: 0,
             failing: None,
             probe_failures: 0,
-            last_probe_error: String::new(),
+            last_reopen: None,
+            unverified_while_failing: 0,
         };
         m::degraded(false, 0);
         // The store opened: whatever failed before this worker is over.
@@ -253,12 +247,19 @@ impl Worker {
         let mut last_caught_up_check = Instant::now();
         let mut last_gauges: Option<Instant> = None;
         let mut last_broker_check = Instant::now();
-        let mut result: anyhow::Result<()> = Ok(());
+        let mut last_recovery_check = Instant::now();
         let mut first_message_at: Option<Instant> = None;
         while !shutdown.load(Ordering::SeqCst) {
             health.beat();
             let batch = looper.fill_batch(config.batch_size, linger);
             if batch.is_empty() {
+                if looper.failing.is_some()
+                    && !looper.processor.guard().is_empty()
+                    && last_recovery_check.elapsed() >= IDLE_RECOVERY_CHECK
+                {
+                    last_recovery_check = Instant::now();
+                    looper.recover_idle(&store);
+                }
                 looper.commit_pending();
                 if stop == StopWhen::CaughtUp && last_caught_up_check.elapsed() >= CAUGHT_UP_CHECK {
                     last_caught_up_check = Instant::now();
@@ -271,14 +272,6 @@ impl Worker {
                 let began = *first_message_at.get_or_insert_with(Instant::now);
                 looper.process_or_hold(batch, &store);
                 stats.set_processing_ms(began.elapsed().as_millis() as u64);
-                if looper.probe_failures >= REOPEN_AFTER_PROBES {
-                    result = Err(StoreStuck {
-                        probes: looper.probe_failures,
-                        last: looper.last_probe_error.clone(),
-                    }
-                    .into());
-                    break;
-                }
             }
             if last_expiry.elapsed() >= expiry_interval {
                 last_expiry = Instant::now();
@@ -302,16 +295,14 @@ impl Worker {
                 looper.refresh_gauges(&store);
             }
         }
-        if result.is_ok() {
-            // Not when stopping for a reopen: the next worker goes on.
-            health.set_stopping();
-        }
+        health.set_stopping();
+        looper.flush_guard_at_exit();
         looper.commit_pending();
         consumer.unsubscribe();
         stats.set_clock_clamps(store.clock_clamps());
         let summary = stats.snapshot();
         tracing::info!(?summary, "worker stopped");
-        result.map(|_| summary)
+        Ok(summary)
     }
 }
 
@@ -344,7 +335,10 @@ struct Loop<'a> {
     failing: Option<Failing>,
     /// Probe writes that failed in a row.
     probe_failures: u32,
-    last_probe_error: String,
+    /// When the store was last reopened.
+    last_reopen: Option<Instant>,
+    /// Messages handled without durable dedup since the store failed.
+    unverified_while_failing: u64,
 }
 
 /// Batches cannot be made durable (the store, a dead letter or a reply
@@ -485,20 +479,59 @@ impl Loop<'_> {
     /// first message, nothing is committed, `/readyz` says why, the error is
     /// logged once a minute, and the batch is tried again with backoff. While
     /// failing, a batch is tried only after the store takes a probe write, so
-    /// a broken store costs no handler call.
+    /// a broken store costs no handler call; after
+    /// [`REOPEN_AFTER_PROBES`] failed probes the store is reopened in place.
+    /// Messages of `fail_open` topics go on meanwhile, remembered by the
+    /// guard, and the guard is written into the store once a probe passes.
     fn process_or_hold(&mut self, batch: Vec<OwnedMessage>, store: &DedupStore) {
         if self.failing.is_some() {
             if let Err(e) = store.probe() {
                 self.probe_failures += 1;
-                self.last_probe_error = e.to_string();
+                if self.probe_failures >= REOPEN_AFTER_PROBES
+                    && self
+                        .last_reopen
+                        .is_none_or(|t| t.elapsed() >= REOPEN_INTERVAL)
+                {
+                    self.last_reopen = Some(Instant::now());
+                    match store.reopen() {
+                        Ok(()) => tracing::info!(
+                            probes = self.probe_failures,
+                            "reopened the dedup store after failed writes"
+                        ),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "reopening the dedup store failed; will retry")
+                        }
+                    }
+                }
+                let (open, closed): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|m| self.processor.fail_open.contains(m.topic()));
+                if !closed.is_empty() {
+                    self.hold(
+                        anyhow::Error::new(e).context("the dedup store still cannot be written"),
+                        closed,
+                    );
+                }
+                if !open.is_empty() {
+                    self.run_batch(open);
+                }
+                return;
+            }
+            self.probe_failures = 0;
+            if let Err(e) = self.flush_guard() {
                 self.hold(
-                    anyhow::Error::new(e).context("the dedup store still cannot be written"),
+                    anyhow::Error::new(e).context("writing the fail-open guard into the store"),
                     batch,
                 );
                 return;
             }
-            self.probe_failures = 0;
         }
+        self.run_batch(batch);
+    }
+
+    /// Processes a batch and counts and commits its outcomes; a batch that
+    /// could not be made durable is held (fail closed).
+    fn run_batch(&mut self, batch: Vec<OwnedMessage>) {
         let result = match self.processor.process(&batch) {
             Ok(r) => r,
             Err(e) => {
@@ -506,16 +539,100 @@ impl Loop<'_> {
                 return;
             }
         };
-        self.probe_failures = 0;
-        if let Some(f) = self.failing.take() {
+        if result.unverified {
+            self.failing_open(&result);
+        } else if let Some(f) = self.failing.take() {
             tracing::warn!(
                 failures = f.failures,
                 down_ms = f.since.elapsed().as_millis() as u64,
+                unverified = self.unverified_while_failing,
                 "batches are durable again: resuming"
             );
+            self.unverified_while_failing = 0;
+            self.probe_failures = 0;
             self.health.set_failing(None);
         }
         self.after(batch, result);
+    }
+
+    /// A batch of fail-open topics went on without the store: loud, counted
+    /// and reported, never silent.
+    fn failing_open(&mut self, result: &BatchResult) {
+        let now = Instant::now();
+        let f = self.failing.get_or_insert(Failing {
+            since: now,
+            failures: 0,
+            logged: now - FAILURE_LOG_INTERVAL,
+        });
+        self.unverified_while_failing += result.counts.unverified;
+        let guard = self.processor.guard().len();
+        let text = format!(
+            "the dedup store cannot be written: fail_open topics are handled without durable dedup ({} unverified so far, {guard} keys in the in-memory guard)",
+            self.unverified_while_failing
+        );
+        if f.logged.elapsed() >= FAILURE_LOG_INTERVAL {
+            f.logged = now;
+            tracing::error!(unverified = self.unverified_while_failing, guard_keys = guard,
+                evicted = result.counts.guard_evictions,
+                "FAIL OPEN: the dedup store cannot be written; handling fail_open topics with only the in-memory guard against duplicates (logged once a minute)");
+        }
+        if result.counts.guard_evictions > 0 {
+            tracing::warn!(
+                evicted = result.counts.guard_evictions,
+                "the fail-open guard is full: its oldest keys are forgotten, and a redelivery of one reaches the handler again"
+            );
+        }
+        self.health.set_failing(Some(text));
+    }
+
+    /// Writes the fail-open guard into the store (it takes writes again).
+    fn flush_guard(&mut self) -> Result<(), crate::store::StoreError> {
+        let n = self.processor.flush_guard()?;
+        if n > 0 {
+            self.stats.guard_flushed(n);
+        }
+        Ok(())
+    }
+
+    /// With no message to try, checks whether a failing store takes writes
+    /// again, so that the guard reaches the store without waiting for traffic.
+    fn recover_idle(&mut self, store: &DedupStore) {
+        if store.probe().is_err() {
+            self.probe_failures += 1;
+            if self.probe_failures >= REOPEN_AFTER_PROBES {
+                self.last_reopen = Some(Instant::now());
+                if let Err(e) = store.reopen() {
+                    tracing::debug!(error = %e, "reopening the dedup store failed; will retry");
+                }
+            }
+            return;
+        }
+        if self.flush_guard().is_ok() {
+            if let Some(f) = self.failing.take() {
+                tracing::warn!(
+                    down_ms = f.since.elapsed().as_millis() as u64,
+                    unverified = self.unverified_while_failing,
+                    "the dedup store takes writes again: resuming"
+                );
+            }
+            self.unverified_while_failing = 0;
+            self.probe_failures = 0;
+            self.health.set_failing(None);
+            m::degraded(false, self.parked.len());
+        }
+    }
+
+    /// At shutdown: the guard's keys are written into the store if it takes
+    /// them; otherwise the loss is logged with its size.
+    fn flush_guard_at_exit(&mut self) {
+        if self.processor.guard().is_empty() {
+            return;
+        }
+        let keys = self.processor.guard().len();
+        if let Err(e) = self.flush_guard() {
+            tracing::error!(error = %e, keys,
+                "stopping with keys handled while the store was down (fail open) that never reached it: a redelivery of one reaches the handler again");
+        }
     }
 
     fn hold(&mut self, e: anyhow::Error, batch: Vec<OwnedMessage>) {
@@ -569,7 +686,7 @@ impl Loop<'_> {
         }
         let held = self.parked.values().filter(|p| p.held).count();
         self.health.set_held_partitions(held);
-        m::degraded(held > 0, self.parked.len());
+        m::degraded(held > 0 || self.failing.is_some(), self.parked.len());
     }
 
     /// Holds back the messages of deferred partitions from their deferred
@@ -704,5 +821,8 @@ fn count_outcomes(batch: &[OwnedMessage], result: &BatchResult) {
     }
     for ((topic, label), n) in by {
         m::messages(topic, label, n);
+        if result.unverified && matches!(label, "handled" | "rejected") {
+            m::unverified(topic, n);
+        }
     }
 }

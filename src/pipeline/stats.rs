@@ -29,6 +29,9 @@ pub struct Stats {
     batches: AtomicU64,
     commit_failures: AtomicU64,
     batch_failures: AtomicU64,
+    unverified: AtomicU64,
+    guard_evictions: AtomicU64,
+    guard_flushed: AtomicU64,
     processing_ms: AtomicU64,
 }
 
@@ -83,6 +86,15 @@ pub struct RunSummary {
     /// Batches that could not be made durable (store, dead-letter or reply
     /// write failed) and were held back and tried again (fail closed).
     pub batch_failures: u64,
+    /// New messages handled (or rejected) while the store could not be
+    /// written (`on_store_failure = "fail_open"`): their dedup record was
+    /// kept only in the in-memory guard until the store returned.
+    pub unverified: u64,
+    /// Keys the fail-open guard forgot because it was full: a redelivery of
+    /// one of them reaches the handler again.
+    pub guard_evictions: u64,
+    /// Guarded records written into the store once it took writes again.
+    pub guard_flushed: u64,
     /// Milliseconds from the first message polled to the last batch
     /// committed: the busy time, without start-up and idle waits at the end.
     pub processing_ms: u64,
@@ -161,6 +173,8 @@ impl Stats {
         add(&self.event_time_fallbacks, counts.event_time_fallbacks);
         add(&self.early_bucket_drops, counts.early_bucket_drops);
         add(&self.dead_letters_written, counts.dead_letters);
+        add(&self.unverified, counts.unverified);
+        add(&self.guard_evictions, counts.guard_evictions);
         add(&self.batches, 1);
     }
 
@@ -177,6 +191,11 @@ impl Stats {
     /// Counts a batch that could not be made durable.
     pub fn batch_failed(&self) {
         self.batch_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts guarded records written into the store once it returned.
+    pub fn guard_flushed(&self, n: u64) {
+        self.guard_flushed.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts a failed offset commit.
@@ -208,6 +227,9 @@ impl Stats {
             batches: g(&self.batches),
             commit_failures: g(&self.commit_failures),
             batch_failures: g(&self.batch_failures),
+            unverified: g(&self.unverified),
+            guard_evictions: g(&self.guard_evictions),
+            guard_flushed: g(&self.guard_flushed),
             processing_ms: g(&self.processing_ms),
         }
     }
@@ -231,9 +253,18 @@ pub struct BatchCounts {
     pub retries: u64,
     /// Replies acknowledged for the batch.
     pub replies: u64,
+    /// New messages of the batch whose records went to the fail-open guard.
+    pub unverified: u64,
+    /// Keys the guard forgot to make room for this batch's.
+    pub guard_evictions: u64,
 }
 
 impl BatchCounts {
+    /// Messages of the batch the handler took: handled or rejected.
+    pub fn handler_calls(&self) -> u64 {
+        self.outcomes[Counted::Handled as usize] + self.outcomes[Counted::Rejected as usize]
+    }
+
     /// Counts one outcome.
     pub fn count(&mut self, outcome: Counted) {
         self.outcomes[outcome as usize] += 1;

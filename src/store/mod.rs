@@ -423,6 +423,14 @@ impl DedupStore {
         Ok(DbRef(guard))
     }
 
+    /// Closes the database now, while handles to the store remain: every
+    /// operation then fails with [`StoreError::Closed`] until
+    /// [`DedupStore::reopen`]. For handing the directory over, and for tests
+    /// of what the worker does without its store.
+    pub fn close(&self) {
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Closes the database and opens it again, with the options it was
     /// opened with. RocksDB keeps the error of a failed write (a full disk,
     /// a read-only or failing filesystem) and refuses every later write until
@@ -617,10 +625,16 @@ impl DedupStore {
     /// was opened with `sync = false`), together with the clock's high-water
     /// mark.
     pub fn commit(&self, batch: StoreBatch) -> Result<(), StoreError> {
-        let db = self.db()?;
+        self.commit_ref(&batch)
+    }
+
+    /// Like [`DedupStore::commit`], leaving the batch to the caller (to keep
+    /// elsewhere when the write fails).
+    pub fn commit_ref(&self, batch: &StoreBatch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
+        let db = self.db()?;
         let now = self.processing_time();
         let mut wb = WriteBatch::default();
         for (key, (bucket, record)) in &batch.records {

@@ -42,6 +42,12 @@ pub const BATCH_FAILURES: &str = "idem_batch_failures_total";
 /// Assignments where the store's checkpoint was behind the group's
 /// committed offset (a store restored from an old copy).
 pub const STORE_BEHIND: &str = "idem_store_behind_total";
+/// Counter: new messages handled without durable dedup (fail open), by topic.
+pub const UNVERIFIED: &str = "idem_unverified_total";
+/// Gauge: keys held by the fail-open guard.
+pub const GUARD_KEYS: &str = "idem_fail_open_guard_keys";
+/// Counter: keys the full fail-open guard forgot.
+pub const GUARD_EVICTIONS: &str = "idem_fail_open_guard_evictions_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -107,6 +113,31 @@ fn describe() {
         COMMIT_FAILURES,
         "Offset commits that failed and were retried later."
     );
+    describe_counter!(
+        UNVERIFIED,
+        "New messages handled while the dedup store could not be written (on_store_failure = fail_open): deduplicated only by the in-memory guard."
+    );
+    describe_gauge!(
+        GUARD_KEYS,
+        "Keys held in memory by the fail-open guard until the store takes writes again."
+    );
+    describe_counter!(
+        GUARD_EVICTIONS,
+        "Keys the full fail-open guard forgot: a redelivery of one reaches the handler again."
+    );
+}
+
+/// Adds `n` messages of `topic` handled without durable dedup.
+pub fn unverified(topic: &str, n: u64) {
+    counter!(UNVERIFIED, "topic" => topic.to_string()).increment(n);
+}
+
+/// Sets the fail-open guard's size and adds its evictions.
+pub fn guard(keys: usize, evicted: u64) {
+    gauge!(GUARD_KEYS).set(keys as f64);
+    if evicted > 0 {
+        counter!(GUARD_EVICTIONS).increment(evicted);
+    }
 }
 
 /// Records one handler call.
