@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod faults;
 
 use idem::clock::{Clock as _, ManualClock, SystemClock};
 use idem::config::Config;
