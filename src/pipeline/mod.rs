@@ -237,6 +237,7 @@ impl Worker {
             probe_failures: 0,
             last_reopen: None,
             unverified_while_failing: 0,
+            batch_started: Instant::now(),
         };
         m::degraded(false, 0);
         // The store opened: whatever failed before this worker is over.
@@ -339,6 +340,8 @@ struct Loop<'a> {
     last_reopen: Option<Instant>,
     /// Messages handled without durable dedup since the store failed.
     unverified_while_failing: u64,
+    /// When the batch being processed took its first message.
+    batch_started: Instant,
 }
 
 /// Batches cannot be made durable (the store, a dead letter or a reply
@@ -365,6 +368,7 @@ impl Loop<'_> {
     fn fill_batch(&mut self, size: usize, linger: Duration) -> Vec<OwnedMessage> {
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let now = Instant::now();
+        self.batch_started = now;
         let due: Vec<TopicPartition> = self
             .parked
             .iter()
@@ -417,6 +421,9 @@ impl Loop<'_> {
                             p.messages.push_back(m);
                         }
                         continue;
+                    }
+                    if batch.is_empty() {
+                        self.batch_started = Instant::now();
                     }
                     batch.push(m);
                     deadline.get_or_insert_with(|| Instant::now() + linger);
@@ -675,6 +682,11 @@ impl Loop<'_> {
 
     fn after(&mut self, batch: Vec<OwnedMessage>, result: BatchResult) {
         self.stats.add_batch(&result.counts);
+        let done = result.outcomes.iter().filter(|o| o.is_some()).count() as u64;
+        if done > 0 {
+            self.stats
+                .record_latency(self.batch_started.elapsed().as_micros() as u64, done);
+        }
         count_outcomes(&batch, &result);
         for (tp, next) in &result.next_offsets {
             self.processed.insert(tp.clone(), *next);

@@ -1,0 +1,508 @@
+//! idem side by side with what users would run instead, on one broker, one
+//! machine and the same data, in one go, so that the ratios survive a noisy
+//! machine (see BENCHMARKS.md):
+//!
+//! - (a) `plain`: an at-least-once rdkafka consumer that only stores each
+//!   offset after reading it (auto-commit every 5 s): the ceiling of this
+//!   broker and machine;
+//! - (b) `idem`: the worker with the ledger handler, one synced RocksDB
+//!   write per batch (batch_size 500);
+//! - (c) `redis`: the hand-rolled dedup — `SET key NX EX 86400` per message
+//!   against a local Redis (from Debian's packages, started here, no
+//!   persistence), then the balance applied in memory;
+//! - (d) `idem-sync-each`: idem with one synced write per message
+//!   (batch_size 1), on a smaller topic, beside (b) on the same one.
+//!
+//! Each contender is a child process (this binary with `--role`), so its CPU
+//! seconds and peak RSS are its own (from `wait4`); Redis's CPU time is
+//! added to (c). Latency is per message, from the consumer receiving it to
+//! its outcome being done (offset stored; Redis answered; for idem an upper
+//! bound: from its batch's first message to the batch being durable).
+//!
+//! `cargo bench --bench compare -- [--events N] [--sync-events M]
+//! [--rounds R]`; `scripts/bench.sh` installs Redis and starts a broker
+//! first. `cargo test --all-targets` runs this binary without `--bench`:
+//! then it runs small sizes (`--quick`), so CI keeps it working.
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use idem::config::Config;
+use idem::handler::ledger::{balance_delta, payment_event, Ledger};
+use idem::payload::{decode, PayloadFormat};
+use idem::pipeline::{StopWhen, Worker};
+use idem::workload::{produce_messages, Workload, WorkloadSpec};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::{ClientConfig, Message as _};
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What one contender reports on its last stdout line.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Report {
+    role: String,
+    events: u64,
+    /// From the first message received to the last one done.
+    secs: f64,
+    p50_us: u64,
+    p99_us: u64,
+    new: u64,
+    duplicates: u64,
+}
+
+/// A contender's report with what the parent measured of its process.
+#[derive(Debug, Clone)]
+struct Run {
+    report: Report,
+    cpu_secs: f64,
+    peak_rss_mib: f64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.report.events as f64 / self.report.secs.max(1e-9)
+    }
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn num(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
+    match arg(args, name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .with_context(|| format!("{name} must be a whole number, got {v:?}")),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match arg(&args, "--role") {
+        Some(role) => {
+            let report = child(&role, &args)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        None => parent(&args),
+    }
+}
+
+// ---------------------------------------------------------------- children
+
+fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
+    let brokers = arg(args, "--brokers").context("--brokers")?;
+    let topic = arg(args, "--topic").context("--topic")?;
+    let group = arg(args, "--group").context("--group")?;
+    let expect = num(args, "--expect", 0)?;
+    match role {
+        "plain" => plain(&brokers, &topic, &group, expect, None),
+        "redis" => {
+            let port = num(args, "--redis-port", 0)?;
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+            let con = client.get_connection().context("connecting to Redis")?;
+            plain(&brokers, &topic, &group, expect, Some(con))
+        }
+        "idem" | "idem-sync-each" => {
+            let dir = tempfile::tempdir()?;
+            let config = Config {
+                brokers,
+                group_id: group,
+                topics: vec![topic],
+                store_dir: dir.path().join("store"),
+                batch_size: if role == "idem" { 500 } else { 1 },
+                metrics: idem::config::MetricsConfig {
+                    listen: String::new(),
+                },
+                ..Config::default()
+            };
+            let worker = Worker::new(config, Box::new(Ledger))?;
+            let s = worker.run(Arc::new(AtomicBool::new(false)), StopWhen::CaughtUp)?;
+            Ok(Report {
+                role: role.into(),
+                events: s.consumed,
+                secs: s.processing_ms as f64 / 1000.0,
+                p50_us: s.latency_p50_us,
+                p99_us: s.latency_p99_us,
+                new: s.handled,
+                duplicates: s.duplicates,
+            })
+        }
+        other => bail!("unknown --role {other:?}: plain, redis, idem, idem-sync-each"),
+    }
+}
+
+/// The plain consumer, and with a Redis connection the hand-rolled dedup:
+/// per message `SET idem:<event id> <fingerprint> NX EX 86400`, the balance
+/// applied in memory when the key was new, then the offset stored.
+fn plain(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    expect: u64,
+    mut redis: Option<redis::Connection>,
+) -> anyhow::Result<Report> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .context("creating the consumer")?;
+    consumer.subscribe(&[topic])?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2)?;
+    let mut balances: HashMap<(String, String), i64> = HashMap::new();
+    let (mut events, mut new, mut duplicates) = (0u64, 0u64, 0u64);
+    let mut first: Option<Instant> = None;
+    let give_up = Instant::now() + Duration::from_secs(600);
+    while events < expect {
+        if Instant::now() > give_up {
+            bail!("{topic}: only {events} of {expect} messages in 600 s");
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m.context("consuming")?;
+        let received = Instant::now();
+        first.get_or_insert(received);
+        if let Some(con) = redis.as_mut() {
+            let payload = m.payload().unwrap_or_default();
+            let ev = decode(payload, PayloadFormat::Auto)
+                .map_err(|e| e.to_string())
+                .and_then(|d| payment_event(&d))
+                .map_err(|e| anyhow::anyhow!("offset {} of {topic}: {e}", m.offset()))?;
+            let fingerprint = xxhash_rust::xxh3::xxh3_128(payload).to_be_bytes();
+            let set: Option<String> = redis::cmd("SET")
+                .arg(format!("idem:{}", ev.event_id))
+                .arg(&fingerprint[..])
+                .arg("NX")
+                .arg("EX")
+                .arg(86_400)
+                .query(con)
+                .context("SET NX EX")?;
+            if set.is_some() {
+                new += 1;
+                *balances
+                    .entry((ev.account_id.clone(), ev.currency.clone()))
+                    .or_insert(0) += balance_delta(&ev).unwrap_or(0);
+            } else {
+                duplicates += 1;
+            }
+        }
+        consumer.store_offset_from_message(&m)?;
+        hist.saturating_record(received.elapsed().as_micros().max(1) as u64);
+        events += 1;
+    }
+    let secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    consumer.commit_consumer_state(CommitMode::Sync)?;
+    Ok(Report {
+        role: if redis.is_some() { "redis" } else { "plain" }.into(),
+        events,
+        secs,
+        p50_us: hist.value_at_quantile(0.5),
+        p99_us: hist.value_at_quantile(0.99),
+        new,
+        duplicates,
+    })
+}
+
+// ------------------------------------------------------------------ parent
+
+/// A process started here and killed when dropped.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A broker of our own (deploy/broker.sh), stopped when dropped.
+struct OwnBroker {
+    dir: tempfile::TempDir,
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = Command::new(broker_sh())
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn broker_sh() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/broker.sh")
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_redis() -> anyhow::Result<(Daemon, u16)> {
+    let port = free_port()?;
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context(
+            "starting redis-server (not installed? scripts/bench.sh installs it: apt-get install redis-server)",
+        )?;
+    let daemon = Daemon(child);
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut con) = client.get_connection() {
+            if redis::cmd("PING").query::<String>(&mut con).is_ok() {
+                return Ok((daemon, port));
+            }
+        }
+        if Instant::now() > until {
+            bail!("redis-server on port {port} did not answer within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// CPU seconds (user + system) of a running process, from /proc.
+fn proc_cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("/proc/pid/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+/// Peak RSS of a running process, MiB (VmHWM).
+fn proc_peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmHWM")?;
+    Ok(kib / 1024.0)
+}
+
+/// Runs one contender and measures its process.
+fn contend(
+    role: &str,
+    brokers: &str,
+    topic: &str,
+    expect: u64,
+    redis: Option<(&Daemon, u16)>,
+) -> anyhow::Result<Run> {
+    let group = format!("bench-{role}-{}", std::process::id());
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["--role", role, "--brokers", brokers, "--topic", topic])
+        .args(["--group", &group, "--expect", &expect.to_string()])
+        .stdout(Stdio::piped());
+    let redis_cpu_before = match redis {
+        Some((d, port)) => {
+            cmd.args(["--redis-port", &port.to_string()]);
+            Some(proc_cpu_secs(d.0.id())?)
+        }
+        None => None,
+    };
+    let mut child = cmd.spawn().context("starting a contender")?;
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .context("the contender's stdout")?
+        .read_to_string(&mut out)?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: the pid is our own child, not yet waited for; both pointers
+    // are valid for the duration of the call.
+    let waited = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    if waited < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("contender {role} failed (wait status {status}): {out}");
+    }
+    let line = out.lines().last().unwrap_or_default();
+    let report: Report =
+        serde_json::from_str(line).with_context(|| format!("{role} printed {out:?}"))?;
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let mut cpu_secs = secs(usage.ru_utime) + secs(usage.ru_stime);
+    let mut peak_rss_mib = usage.ru_maxrss as f64 / 1024.0;
+    if let (Some((d, _)), Some(before)) = (redis, redis_cpu_before) {
+        cpu_secs += proc_cpu_secs(d.0.id())? - before;
+        peak_rss_mib += proc_peak_rss_mib(d.0.id())?;
+    }
+    Ok(Run {
+        report,
+        cpu_secs,
+        peak_rss_mib,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn parent(args: &[String]) -> anyhow::Result<()> {
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not.
+    let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
+    let events = num(args, "--events", if quick { 20_000 } else { 1_000_000 })?;
+    let sync_events = num(args, "--sync-events", if quick { 2_000 } else { 20_000 })?;
+    let rounds = num(args, "--rounds", 1)?.max(1);
+    let partitions = 8;
+    println!(
+        "# idem compared ({}): {events} events (10 % re-sends) on {partitions} partitions; sync-per-message run on {sync_events}; {rounds} round(s)",
+        if quick { "quick" } else { "full" }
+    );
+
+    let mut _own_broker = None;
+    let brokers = match arg(args, "--brokers").or_else(|| std::env::var("IDEM_TEST_BROKERS").ok()) {
+        Some(b) => b,
+        None => {
+            let dir = tempfile::tempdir()?;
+            let out = Command::new(broker_sh())
+                .arg("start")
+                .arg(free_port()?.to_string())
+                .arg(dir.path())
+                .output()
+                .context("starting a broker with deploy/broker.sh")?;
+            if !out.status.success() {
+                bail!(
+                    "deploy/broker.sh failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            _own_broker = Some(OwnBroker { dir });
+            String::from_utf8(out.stdout)?.trim().to_string()
+        }
+    };
+    let (redis, redis_port) = start_redis()?;
+
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let big = format!("bench-{stamp}-big");
+    let small = format!("bench-{stamp}-small");
+    let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let topics = [&big, &small].map(|t| {
+        rdkafka::admin::NewTopic::new(t, partitions, rdkafka::admin::TopicReplication::Fixed(1))
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for r in rt.block_on(admin.create_topics(&topics, &rdkafka::admin::AdminOptions::new()))? {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    let spec = |n: u64, seed| WorkloadSpec {
+        unique: (n - n / 10) as usize,
+        resends: (n / 10) as usize,
+        conflicts: 0,
+        partitions,
+        seed,
+        ..WorkloadSpec::default()
+    };
+    let t = Instant::now();
+    let w_big = Workload::generate(&spec(events, 11));
+    produce_messages(&brokers, &big, &w_big.messages)?;
+    let w_small = Workload::generate(&spec(sync_events, 12));
+    produce_messages(&brokers, &small, &w_small.messages)?;
+    println!(
+        "produced {} + {} messages in {:.1} s",
+        w_big.messages.len(),
+        w_small.messages.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut runs: HashMap<&str, Vec<Run>> = HashMap::new();
+    let check = |run: &Run, w: &Workload| -> anyhow::Result<()> {
+        let r = &run.report;
+        let unique = w.count(idem::workload::Role::Original) as u64;
+        let ok = r.events == w.messages.len() as u64
+            && (r.role == "plain" || (r.new == unique && r.duplicates == r.events - unique));
+        if !ok {
+            bail!(
+                "{} got wrong counts: {r:?} for {unique} unique events",
+                r.role
+            );
+        }
+        Ok(())
+    };
+    for round in 0..rounds {
+        for role in ["plain", "idem", "redis"] {
+            let r = contend(
+                role,
+                &brokers,
+                &big,
+                events,
+                (role == "redis").then_some((&redis, redis_port)),
+            )?;
+            check(&r, &w_big)?;
+            println!("round {round} {role:>15}: {:>9.0} events/s", r.rate());
+            runs.entry(role).or_default().push(r);
+        }
+        for role in ["idem", "idem-sync-each"] {
+            let r = contend(role, &brokers, &small, sync_events, None)?;
+            check(&r, &w_small)?;
+            let key = if role == "idem" { "idem (small)" } else { role };
+            println!("round {round} {key:>15}: {:>9.0} events/s", r.rate());
+            runs.entry(key).or_default().push(r);
+        }
+    }
+
+    println!();
+    println!(
+        "| contender | events | events/s | p50 µs | p99 µs | CPU s | CPU µs/event | peak RSS MiB |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let label = [
+        ("plain", "(a) plain consumer, offsets stored"),
+        ("idem", "(b) idem, ledger, sync per batch"),
+        ("redis", "(c) Redis SET NX EX per message"),
+        ("idem (small)", "(b) idem, same, small topic"),
+        ("idem-sync-each", "(d) idem, sync per message"),
+    ];
+    let mut rate = HashMap::new();
+    for (key, name) in label {
+        let Some(rs) = runs.get(key) else { continue };
+        let r = median(rs.iter().map(Run::rate).collect());
+        rate.insert(key, r);
+        let m = |f: fn(&Run) -> f64| median(rs.iter().map(f).collect());
+        let events = rs[0].report.events;
+        let cpu = m(|r| r.cpu_secs);
+        println!(
+            "| {name} | {events} | {r:.0} | {:.0} | {:.0} | {cpu:.2} | {:.1} | {:.0} |",
+            m(|r| r.report.p50_us as f64),
+            m(|r| r.report.p99_us as f64),
+            cpu * 1e6 / events as f64,
+            m(|r| r.peak_rss_mib),
+        );
+    }
+    println!();
+    println!(
+        "b/a = {:.2} (goal >= 0.8); b/c = {:.2} (goal >= 5); b/d on the small topic = {:.1}",
+        rate["idem"] / rate["plain"],
+        rate["idem"] / rate["redis"],
+        rate["idem (small)"] / rate["idem-sync-each"],
+    );
+    drop(redis);
+    Ok(())
+}
