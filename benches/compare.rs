@@ -14,8 +14,8 @@
 //!   (batch_size 1), on a smaller topic, beside (b) on the same one.
 //!
 //! Each contender is a child process (this binary with `--role`), so its CPU
-//! seconds and peak RSS are its own (from `wait4`); Redis's CPU time is
-//! added to (c). Latency is per message, from the consumer receiving it to
+//! seconds (from `wait4`) and peak RSS (its VmHWM) are its own; Redis's CPU
+//! time and peak RSS are added to (c). Latency is per message, from the consumer receiving it to
 //! its outcome being done (offset stored; Redis answered; for idem an upper
 //! bound: from its batch's first message to the batch being durable).
 //!
@@ -52,6 +52,10 @@ struct Report {
     p99_us: u64,
     new: u64,
     duplicates: u64,
+    /// The contender's own peak RSS (VmHWM at its end), MiB. Measured by the
+    /// child itself: `wait4`'s maxrss would include the parent's memory at
+    /// the fork.
+    peak_rss_mib: f64,
 }
 
 /// A contender's report with what the parent measured of its process.
@@ -87,7 +91,8 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match arg(&args, "--role") {
         Some(role) => {
-            let report = child(&role, &args)?;
+            let mut report = child(&role, &args)?;
+            report.peak_rss_mib = proc_peak_rss_mib(std::process::id())?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
@@ -133,6 +138,7 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
                 p99_us: s.latency_p99_us,
                 new: s.handled,
                 duplicates: s.duplicates,
+                peak_rss_mib: 0.0,
             })
         }
         other => bail!("unknown --role {other:?}: plain, redis, idem, idem-sync-each"),
@@ -211,6 +217,7 @@ fn plain(
         p99_us: hist.value_at_quantile(0.99),
         new,
         duplicates,
+        peak_rss_mib: 0.0,
     })
 }
 
@@ -343,7 +350,7 @@ fn contend(
         serde_json::from_str(line).with_context(|| format!("{role} printed {out:?}"))?;
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let mut cpu_secs = secs(usage.ru_utime) + secs(usage.ru_stime);
-    let mut peak_rss_mib = usage.ru_maxrss as f64 / 1024.0;
+    let mut peak_rss_mib = report.peak_rss_mib;
     if let (Some((d, _)), Some(before)) = (redis, redis_cpu_before) {
         cpu_secs += proc_cpu_secs(d.0.id())? - before;
         peak_rss_mib += proc_peak_rss_mib(d.0.id())?;
@@ -426,7 +433,7 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
     let w_small = Workload::generate(&spec(sync_events, 12));
     produce_messages(&brokers, &small, &w_small.messages)?;
     println!(
-        "produced {} + {} messages in {:.1} s",
+        "produced {} messages to {big} and {} to {small} in {:.1} s",
         w_big.messages.len(),
         w_small.messages.len(),
         t.elapsed().as_secs_f64()

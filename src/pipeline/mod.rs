@@ -298,7 +298,7 @@ impl Worker {
         }
         health.set_stopping();
         looper.flush_guard_at_exit();
-        looper.commit_pending();
+        looper.commit_final();
         consumer.unsubscribe();
         stats.set_clock_clamps(store.clock_clamps());
         let summary = stats.snapshot();
@@ -688,9 +688,15 @@ impl Loop<'_> {
                 .record_latency(self.batch_started.elapsed().as_micros() as u64, done);
         }
         count_outcomes(&batch, &result);
-        for (tp, next) in &result.next_offsets {
-            self.processed.insert(tp.clone(), *next);
-            self.uncommitted.insert(tp.clone(), *next);
+        {
+            let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+            for (tp, next) in &result.next_offsets {
+                self.processed.insert(tp.clone(), *next);
+                self.uncommitted.insert(tp.clone(), *next);
+                if state.owned.contains_key(tp) {
+                    state.durable.insert(tp.clone(), *next);
+                }
+            }
         }
         self.commit_pending();
         if !result.deferred.is_empty() {
@@ -739,9 +745,38 @@ impl Loop<'_> {
         }
     }
 
-    /// Commits every durable offset not yet committed; on failure keeps them
-    /// for the next try.
+    /// Commits every durable offset not yet committed, asynchronously; an
+    /// immediate failure keeps them for the next try, a failure reported
+    /// later commits the latest durable offsets again.
     fn commit_pending(&mut self) {
+        self.commit(CommitMode::Async);
+    }
+
+    /// At shutdown: commits the latest durable offset of every owned
+    /// partition and waits for the answer.
+    fn commit_final(&mut self) {
+        for (tp, _) in self.owned() {
+            if let Some(next) = self.processed.get(&tp) {
+                self.uncommitted.insert(tp, *next);
+            }
+        }
+        self.commit(CommitMode::Sync);
+    }
+
+    fn commit(&mut self, mode: CommitMode) {
+        let failed = self
+            .assignment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .commit_failed
+            .take();
+        if failed.is_some() {
+            self.stats.commit_failed();
+            m::commit_failed();
+            for (tp, next) in &self.processed {
+                self.uncommitted.insert(tp.clone(), *next);
+            }
+        }
         // With every broker down a synchronous commit would block the loop
         // until librdkafka gives up; the offsets wait (they are durable in
         // the store) until the brokers answer a metadata request again.
@@ -754,10 +789,12 @@ impl Loop<'_> {
                 tracing::error!(%topic, partition, error = %e, "cannot build the commit list");
             }
         }
-        match self.consumer.commit(&tpl, CommitMode::Sync) {
+        match self.consumer.commit(&tpl, mode) {
             Ok(()) => {
                 self.uncommitted.clear();
-                self.health.set_broker_trouble(None);
+                if matches!(mode, CommitMode::Sync) {
+                    self.health.set_broker_trouble(None);
+                }
             }
             Err(e) => {
                 self.stats.commit_failed();

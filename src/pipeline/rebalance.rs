@@ -9,10 +9,15 @@
 //! - With `resume_from = "group"` the committed offset alone decides, so an
 //!   operator's deliberate rewind replays messages (as duplicates).
 //! - On revocation the pipeline is between batches (the rebalance callback runs
-//!   inside `poll`, and every batch is written and committed before the next
-//!   poll), so nothing handled is left uncommitted; messages fetched but not
-//!   yet started for a revoked partition are dropped unhandled, for the new
-//!   owner to handle.
+//!   inside `poll`, and every batch is written before the next poll), and the
+//!   revoked partitions' durable offsets are committed synchronously before
+//!   they are given up, so the next owner starts after everything handled
+//!   here (unless the assignment was lost: then the commit would be refused
+//!   anyway). Messages fetched but not yet started for a revoked partition
+//!   are dropped unhandled, for the new owner to handle.
+//! - Offsets are otherwise committed asynchronously; a commit that fails is
+//!   reported here and the loop commits the latest durable offsets again,
+//!   never older ones.
 
 use crate::config::ResumeFrom;
 use crate::store::DedupStore;
@@ -20,7 +25,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +44,12 @@ pub struct Assignment {
     pub revoked: HashSet<TopicPartition>,
     /// Offsets to commit because the store was ahead of Kafka at assignment.
     pub commit_now: HashMap<TopicPartition, i64>,
+    /// Next offset to process of each owned partition whose outcomes are
+    /// durable: what a revocation commits. Written by the loop.
+    pub durable: HashMap<TopicPartition, i64>,
+    /// The last asynchronous commit failed with this error (taken by the
+    /// loop, which commits its latest offsets again).
+    pub commit_failed: Option<String>,
     /// Rebalances seen.
     pub generation: u64,
 }
@@ -145,6 +156,7 @@ impl IdemContext {
             let tp = (e.topic().to_string(), e.partition());
             state.owned.remove(&tp);
             state.commit_now.remove(&tp);
+            state.durable.remove(&tp);
             state.revoked.insert(tp);
         }
     }
@@ -171,7 +183,55 @@ impl ClientContext for IdemContext {
     }
 }
 
+impl IdemContext {
+    /// Commits, synchronously, the durable offsets of partitions about to
+    /// be given up, so that their next owner starts after them.
+    fn commit_revoked(&self, consumer: &BaseConsumer<Self>, revoked: &TopicPartitionList) {
+        if consumer.assignment_lost() || self.health.as_ref().is_some_and(|h| h.brokers_down()) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        {
+            let state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+            for e in revoked.elements() {
+                if let Some(next) = state.durable.get(&(e.topic().to_string(), e.partition())) {
+                    let _ =
+                        tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(*next));
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+            tracing::warn!(error = %e, partitions = tpl.count(),
+                "committing revoked partitions failed; their next owner re-reads from the last commit (duplicates, recognised where the keys are known)");
+        }
+    }
+}
+
 impl ConsumerContext for IdemContext {
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                if let Some(h) = &self.health {
+                    h.set_broker_trouble(None);
+                }
+            }
+            Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; the latest durable offsets are committed again");
+                if let Some(h) = &self.health {
+                    h.set_broker_trouble(Some(format!("offset commits fail: {e}")));
+                }
+                self.assignment
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .commit_failed = Some(e.to_string());
+            }
+        }
+    }
+
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -193,6 +253,7 @@ impl ConsumerContext for IdemContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.commit_revoked(consumer, tpl);
                 self.note_revoked(tpl);
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
                 if cooperative {
