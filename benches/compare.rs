@@ -144,7 +144,12 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
                 group_id: group,
                 topics: vec![topic],
                 store_dir: dir.path().join("store"),
-                batch_size: if role == "idem" { 500 } else { 1 },
+                batch_size: if role == "idem" {
+                    num(args, "--batch-size", 500)? as usize
+                } else {
+                    1
+                },
+                batch_linger_ms: num(args, "--linger-ms", 10)?,
                 metrics: idem::config::MetricsConfig {
                     listen: String::new(),
                 },
@@ -208,7 +213,9 @@ fn plain(
     let give_up = Instant::now() + Duration::from_secs(600);
     while events < expect {
         if Instant::now() > give_up {
-            bail!("{topic}: only {events} of {expect} messages in 600 s ({errors} consumer errors)");
+            bail!(
+                "{topic}: only {events} of {expect} messages in 600 s ({errors} consumer errors)"
+            );
         }
         let Some(m) = consumer.poll(Duration::from_millis(100)) else {
             continue;

@@ -234,3 +234,37 @@ fn a_replay_after_a_30_hour_outage_is_refused_by_the_ledger_never_applied_twice(
         .count();
     assert_eq!(refused, 1_000);
 }
+
+#[test]
+fn with_no_linger_a_backlog_still_goes_in_full_batches_and_applies_once() {
+    let topic = unique("no-linger");
+    let group = unique("idem");
+    create_topic(&topic, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = WorkloadSpec {
+        unique: 4_000,
+        resends: 0,
+        conflicts: 0,
+        ..WorkloadSpec::default()
+    };
+    let workload = Workload::generate(&spec);
+    workload.produce(&brokers(), &topic).unwrap();
+    let mut config = config(&topic, &group, &dir.path().join("store"));
+    config.batch_linger_ms = 0;
+    config.batch_size = 500;
+    let (summary, store) = run(config);
+    eprintln!("no linger: {} batches for 4,000 events", summary.batches);
+    assert_eq!(summary.handled, 4_000);
+    assert_eq!(
+        ledger::balances(&store).unwrap(),
+        workload.expected_balances()
+    );
+    // Before, a zero linger ended every batch at its first message: 4,000
+    // batches (and fsyncs). Batches now take what is already fetched.
+    assert!(
+        summary.batches < 400,
+        "{} batches for 4,000 events: batches end before what is fetched",
+        summary.batches
+    );
+    assert_eq!(committed(&group, &topic, 4), log_end(&topic, 4));
+}

@@ -363,8 +363,10 @@ fn one_partition(tp: &TopicPartition) -> TopicPartitionList {
 
 impl Loop<'_> {
     /// Takes the parked messages whose retry is due, then polls until the
-    /// batch is full, the linger time has passed since its first message, or
-    /// (when empty) one idle poll came back with nothing.
+    /// batch is full, or nothing more is fetched now once the linger time
+    /// has passed since its first message, or (when empty) one idle poll
+    /// came back with nothing. So `batch_linger_ms = 0` never waits, yet a
+    /// backlog still goes in full batches.
     fn fill_batch(&mut self, size: usize, linger: Duration) -> Vec<OwnedMessage> {
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let now = Instant::now();
@@ -412,15 +414,17 @@ impl Loop<'_> {
                     let m = m.detach();
                     // A message of a paused partition fetched before the
                     // pause took effect: it goes behind the waiting ones.
-                    let tp = (m.topic().to_string(), m.partition());
-                    if let Some(p) = self.parked.get_mut(&tp) {
-                        if p.messages
-                            .back()
-                            .is_none_or(|last| last.offset() < m.offset())
-                        {
-                            p.messages.push_back(m);
+                    if !self.parked.is_empty() {
+                        let tp = (m.topic().to_string(), m.partition());
+                        if let Some(p) = self.parked.get_mut(&tp) {
+                            if p.messages
+                                .back()
+                                .is_none_or(|last| last.offset() < m.offset())
+                            {
+                                p.messages.push_back(m);
+                            }
+                            continue;
                         }
-                        continue;
                     }
                     if batch.is_empty() {
                         self.batch_started = Instant::now();
@@ -429,9 +433,8 @@ impl Loop<'_> {
                     deadline.get_or_insert_with(|| Instant::now() + linger);
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
-            }
+            // Past the linger time the batch still takes what is already
+            // fetched (polls then do not wait): the first empty poll ends it.
         }
         batch
     }

@@ -655,12 +655,10 @@ impl DedupStore {
                 }
             };
             buf.clear();
-            record
-                .encode(&mut buf)
-                .map_err(|e| StoreError::Corrupt {
-                    what: "dedup record",
-                    detail: format!("cannot encode: {e}"),
-                })?;
+            record.encode(&mut buf).map_err(|e| StoreError::Corrupt {
+                what: "dedup record",
+                detail: format!("cannot encode: {e}"),
+            })?;
             wb.put_cf(&cf, key.0, &buf);
         }
         let offsets = family(&db, OFFSETS_CF)?;
