@@ -685,6 +685,9 @@ impl Loop<'_> {
 
     fn after(&mut self, batch: Vec<OwnedMessage>, result: BatchResult) {
         self.stats.add_batch(&result.counts);
+        if result.counts.cross_partition > 0 {
+            m::cross_partition(result.counts.cross_partition);
+        }
         let done = result.outcomes.iter().filter(|o| o.is_some()).count() as u64;
         if done > 0 {
             self.stats

@@ -46,6 +46,8 @@ pub const STORE_BEHIND: &str = "idem_store_behind_total";
 pub const UNVERIFIED: &str = "idem_unverified_total";
 /// Gauge: keys held by the fail-open guard.
 pub const GUARD_KEYS: &str = "idem_fail_open_guard_keys";
+/// Counter: duplicates whose first copy came from another partition.
+pub const CROSS_PARTITION: &str = "idem_cross_partition_duplicates_total";
 /// Counter: keys the full fail-open guard forgot.
 pub const GUARD_EVICTIONS: &str = "idem_fail_open_guard_evictions_total";
 
@@ -114,6 +116,10 @@ fn describe() {
         "Offset commits that failed and were retried later."
     );
     describe_counter!(
+        CROSS_PARTITION,
+        "Duplicates whose first copy came from another partition: the topic is keyed so that a scaled-out group cannot dedup it."
+    );
+    describe_counter!(
         UNVERIFIED,
         "New messages handled while the dedup store could not be written (on_store_failure = fail_open): deduplicated only by the in-memory guard."
     );
@@ -125,6 +131,11 @@ fn describe() {
         GUARD_EVICTIONS,
         "Keys the full fail-open guard forgot: a redelivery of one reaches the handler again."
     );
+}
+
+/// Adds `n` duplicates whose first copy came from another partition.
+pub fn cross_partition(n: u64) {
+    counter!(CROSS_PARTITION).increment(n);
 }
 
 /// Adds `n` messages of `topic` handled without durable dedup.
