@@ -153,6 +153,7 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
         use rdkafka::Message as _;
         let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &broker.addr)
+            .set("receive.message.max.bytes", "1000000000")
             .set("group.id", unique("scan"))
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "true")
@@ -230,6 +231,7 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
     let letters = {
         let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &broker.addr)
+            .set("receive.message.max.bytes", "1000000000")
             .set("group.id", unique("dlq-reader"))
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "true")
