@@ -11,6 +11,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::types::RDKafkaErrorCode;
 use std::time::Duration;
 
@@ -168,4 +169,41 @@ pub fn cached_watermarks<C: ConsumerContext>(
     };
     (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
         .then_some((low, high))
+}
+
+/// The headers of a message as (name, value) bytes, in order. A header name
+/// on the wire is any bytes, and rdkafka's `Headers::iter` panics on one that
+/// is not UTF-8 (it unwraps `CStr::to_str`): one such message from any
+/// producer would stop a worker at that offset for good. This reads the
+/// names as bytes instead. A name ends at its first NUL byte, as everywhere in
+/// librdkafka (it hands names out as C strings).
+pub fn raw_headers<'a>(
+    headers: Option<&'a OwnedHeaders>,
+) -> impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a {
+    use rdkafka::bindings::{
+        rd_kafka_header_cnt, rd_kafka_header_get_all, rd_kafka_headers_t, rd_kafka_resp_err_t,
+    };
+    // A `&BorrowedHeaders` is the address of the native headers (this cast
+    // is rdkafka's own, private, `BorrowedHeaders::as_native_ptr`).
+    let native = headers.map(|h| {
+        h.as_borrowed() as *const rdkafka::message::BorrowedHeaders as *const rd_kafka_headers_t
+    });
+    // SAFETY: `native` points to the headers that `headers` owns, alive and
+    // unchanged for 'a (`OwnedHeaders::insert` takes the headers by value).
+    let count = native.map_or(0, |p| unsafe { rd_kafka_header_cnt(p) });
+    (0..count).filter_map(move |idx| {
+        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+        // SAFETY: as above; the out pointers are locals. librdkafka returns
+        // pointers into the header, which lives as long as the headers: a
+        // NUL-terminated name and a value of `size` bytes, or a null value.
+        let err =
+            unsafe { rd_kafka_header_get_all(native?, idx, &mut name, &mut value, &mut size) };
+        if err != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            return None;
+        }
+        let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes();
+        let value = (!value.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
+        Some((name, value))
+    })
 }

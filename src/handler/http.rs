@@ -25,7 +25,6 @@ use crate::key::KeySource;
 use crate::payload::Decoded;
 use anyhow::Context as _;
 use base64::Engine as _;
-use rdkafka::message::Headers as _;
 use reqwest::blocking::Client;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use std::io::Read as _;
@@ -120,16 +119,19 @@ impl HttpHandler {
         if let Some(ts) = d.timestamp_ms {
             h.insert("idem-timestamp", HeaderValue::from(ts));
         }
-        for header in d.headers.iter().flat_map(|hs| hs.iter()) {
-            let Some(value) = header.value else { continue };
-            let plain = format!("{}{}", self.header_prefix, header.key);
+        for (key, value) in crate::kafka::raw_headers(d.headers) {
+            let Some(value) = value else { continue };
+            // A name that is not UTF-8 keeps U+FFFD, which no HTTP header
+            // name holds: it is not forwarded.
+            let key = String::from_utf8_lossy(key);
+            let plain = format!("{}{}", self.header_prefix, key);
             let (name, value) = match (
                 HeaderName::from_bytes(plain.as_bytes()),
                 HeaderValue::from_bytes(value),
             ) {
                 (Ok(n), Ok(v)) => (n, v),
                 _ => {
-                    let encoded = format!("{}B64-{}", self.header_prefix, header.key);
+                    let encoded = format!("{}B64-{}", self.header_prefix, key);
                     let (Ok(n), Ok(v)) = (
                         HeaderName::from_bytes(encoded.as_bytes()),
                         HeaderValue::from_str(
@@ -137,7 +139,7 @@ impl HttpHandler {
                         ),
                     ) else {
                         tracing::debug!(
-                            header = %header.key.escape_debug(),
+                            header = %key.escape_debug(),
                             "a Kafka header name that is not an HTTP header name is not forwarded"
                         );
                         continue;

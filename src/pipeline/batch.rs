@@ -31,7 +31,7 @@ use crate::reply::Reply;
 use crate::store::{DedupStore, StoreBatch, StoreError};
 use crate::telemetry::metrics as m;
 use anyhow::Context as _;
-use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
+use rdkafka::message::{Message as _, OwnedMessage};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -150,14 +150,18 @@ enum Step {
     Waiting,
 }
 
+/// The headers a dead letter carries over; a name that is not UTF-8 is
+/// carried with its invalid bytes replaced (U+FFFD): the producer takes
+/// UTF-8 names only.
 fn headers_of(msg: &OwnedMessage) -> Vec<(String, Option<Vec<u8>>)> {
-    msg.headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                .collect()
+    crate::kafka::raw_headers(msg.headers())
+        .map(|(name, value)| {
+            (
+                String::from_utf8_lossy(name).into_owned(),
+                value.map(<[u8]>::to_vec),
+            )
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 fn tp_of(msg: &OwnedMessage) -> TopicPartition {

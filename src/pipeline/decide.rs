@@ -12,7 +12,7 @@ use crate::key::{Fingerprint, IdempotencyKey, KeyError, KeyRule, KeySource, Scop
 use crate::payload::{decode, DecodeError, Decoded, PayloadFormat};
 use crate::proto::DedupRecord;
 use crate::store::{DedupStore, StoreError};
-use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
+use rdkafka::message::{Message as _, OwnedMessage};
 use std::collections::HashMap;
 
 /// How the messages of one topic are keyed, scoped and decoded.
@@ -157,10 +157,10 @@ impl Decider {
             Ok(d) => d,
             Err(e) => return Prepared::Final(Decision::Undecodable(e)),
         };
-        let headers = msg.headers();
-        let header_iter = headers
-            .into_iter()
-            .flat_map(|hs| hs.iter().map(|h| (h.key, h.value)));
+        // A name that is not UTF-8 cannot be the configured key header (a
+        // UTF-8 string), so it is left out here.
+        let header_iter = crate::kafka::raw_headers(msg.headers())
+            .filter_map(|(name, value)| Some((std::str::from_utf8(name).ok()?, value)));
         let (key, source) = match rule.key_rule.derive(
             header_iter,
             &decoded,

@@ -26,7 +26,7 @@
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage, Timestamp};
+use rdkafka::message::{Header, Message as _, OwnedHeaders, OwnedMessage, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::io::Write;
@@ -317,13 +317,16 @@ pub fn write_line(out: &mut dyn Write, msg: &OwnedMessage) -> std::io::Result<()
     let (headers, headers_encoding) = match msg.headers() {
         None => (None, None),
         Some(hs) => {
-            let binary = hs
+            let raw: Vec<_> = crate::kafka::raw_headers(Some(hs)).collect();
+            let binary = raw
                 .iter()
-                .any(|h| h.value.is_some_and(|v| std::str::from_utf8(v).is_err()));
-            let mut list = Vec::with_capacity(hs.count() * 2);
-            for h in hs.iter() {
-                list.push(Some(Cow::Borrowed(h.key)));
-                list.push(h.value.map(|v| {
+                .any(|(_, v)| v.is_some_and(|v| std::str::from_utf8(v).is_err()));
+            let mut list = Vec::with_capacity(raw.len() * 2);
+            // kcat's envelope has no encoding for names: one that is not
+            // UTF-8 is written with U+FFFD in place of its invalid bytes.
+            for (name, value) in raw {
+                list.push(Some(String::from_utf8_lossy(name)));
+                list.push(value.map(|v| {
                     if binary {
                         Cow::Owned(BASE64.encode(v))
                     } else {
@@ -355,6 +358,7 @@ pub fn write_line(out: &mut dyn Write, msg: &OwnedMessage) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::message::Headers as _;
 
     fn headers(m: &OwnedMessage) -> Vec<(String, Option<Vec<u8>>)> {
         m.headers()
