@@ -93,7 +93,7 @@ for t in "${targets[@]}"; do
   start=$(date +%s)
   set +e
   # shellcheck disable=SC2046,SC2086
-  (cd fuzz && TMPDIR=$scratch run_nice cargo +nightly fuzz run "${fuzz_flags[@]}" "$t" \
+  (cd fuzz && TMPDIR=$scratch LSAN_OPTIONS=suppressions=$root/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS} run_nice cargo +nightly fuzz run "${fuzz_flags[@]}" "$t" \
     "corpus/$t" -- -max_total_time="$seconds" -print_final_stats=1 \
     -artifact_prefix="$root/$artifacts/" $(dict_args "$t") ${IDEM_FUZZ_ARGS:-}) >"$log" 2>&1
   rc=$?
