@@ -192,12 +192,20 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
                 _ => {}
             }
         }
-        ids.len()
+        ids
     };
     let s = DedupStore::open_read_only(&store).unwrap();
     let applied = ledger::applied_counts(&s).unwrap();
     let doubled = applied.values().filter(|&&n| n > 1).count();
     let lost = spec.unique - applied.len().min(spec.unique);
+    // The number that is idem's own: events the broker holds that were not
+    // applied (lost events the broker no longer holds are the broker's).
+    let in_log_not_applied = in_log
+        .iter()
+        .filter(|id| !applied.contains_key(*id))
+        .count();
+    let applied_not_in_log = applied.keys().filter(|id| !in_log.contains(*id)).count();
+    let in_log = in_log.len();
     let balances_exact = ledger::balances(&s).unwrap() == w.expected_balances();
     drop(s);
     let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
@@ -268,7 +276,7 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
         (raw, seen.len())
     };
     println!(
-        "soak: events={events} kills={kills} broker_restarts={restarts} lost={lost} doubled={doubled} events_in_log={in_log}/{} balances_exact={balances_exact} committed_is_log_end={} dead_letters={} (distinct {}, conflicts {}) elapsed_s={:.0}",
+        "soak: events={events} kills={kills} broker_restarts={restarts} lost={lost} doubled={doubled} events_in_log={in_log}/{} in_log_not_applied={in_log_not_applied} applied_not_in_log={applied_not_in_log} balances_exact={balances_exact} committed_is_log_end={} dead_letters={} (distinct {}, conflicts {}) elapsed_s={:.0}",
         spec.unique,
         committed == log_end,
         letters.0,
