@@ -3,17 +3,22 @@
 //! Guarantees (DESIGN.md invariants 1, 2 and 5):
 //! - An offset is committed to Kafka only after every message below it in
 //!   its partition has a final outcome recorded in a synced RocksDB write (and
-//!   its dead letter, if any, acknowledged by the broker).
-//! - Every batch is written and committed before the next `poll`, so a
+//!   its dead letter, if any, acknowledged by the broker) — except, by the
+//!   operator's choice, for `fail_open` topics while the store fails: their
+//!   records are then kept by the in-memory guard ([`guard`]).
+//! - Every batch is written before the next `poll` and its offsets are
+//!   committed asynchronously; partitions being revoked have their durable
+//!   offsets committed synchronously first (see [`rebalance`]), so a
 //!   rebalance (served inside `poll`) never finds handled-but-uncommitted work.
 //! - A message that could not be finished holds its partition at its offset:
 //!   the partition is paused in the consumer, the messages already fetched
 //!   for it wait in memory (in order), and it is tried again when its retry
 //!   delay has passed. The other partitions keep flowing and the consumer
 //!   keeps polling, so the group membership is kept.
-//! - A commit that fails is retried with the next batch; the store's
-//!   checkpoint already holds the position, so a crash before the retry only
-//!   costs a re-read of messages that then resolve as duplicates.
+//! - A commit that fails is reported by librdkafka and the latest durable
+//!   offsets are committed again (never older ones); the store's checkpoint
+//!   already holds the position, so a crash before that only costs a re-read
+//!   of messages that then resolve as duplicates.
 //!
 //! Limits: batches are processed one at a time; within a batch a remote
 //! handler is called for several partitions at once, but the next batch
@@ -496,23 +501,7 @@ impl Loop<'_> {
     fn process_or_hold(&mut self, batch: Vec<OwnedMessage>, store: &DedupStore) {
         if self.failing.is_some() {
             if let Err(e) = store.probe() {
-                self.probe_failures += 1;
-                if self.probe_failures >= REOPEN_AFTER_PROBES
-                    && self
-                        .last_reopen
-                        .is_none_or(|t| t.elapsed() >= REOPEN_INTERVAL)
-                {
-                    self.last_reopen = Some(Instant::now());
-                    match store.reopen() {
-                        Ok(()) => tracing::info!(
-                            probes = self.probe_failures,
-                            "reopened the dedup store after failed writes"
-                        ),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "reopening the dedup store failed; will retry")
-                        }
-                    }
-                }
+                self.probe_failed(store);
                 let (open, closed): (Vec<_>, Vec<_>) = batch
                     .into_iter()
                     .partition(|m| self.processor.fail_open.contains(m.topic()));
@@ -551,7 +540,36 @@ impl Loop<'_> {
         };
         if result.unverified {
             self.failing_open(&result);
-        } else if let Some(f) = self.failing.take() {
+        } else {
+            self.recovered();
+        }
+        self.after(batch, result);
+    }
+
+    /// Counts a failed probe write; after [`REOPEN_AFTER_PROBES`] of them
+    /// in a row the store is reopened, at most once per [`REOPEN_INTERVAL`].
+    fn probe_failed(&mut self, store: &DedupStore) {
+        self.probe_failures += 1;
+        if self.probe_failures < REOPEN_AFTER_PROBES
+            || self
+                .last_reopen
+                .is_some_and(|t| t.elapsed() < REOPEN_INTERVAL)
+        {
+            return;
+        }
+        self.last_reopen = Some(Instant::now());
+        match store.reopen() {
+            Ok(()) => tracing::info!(
+                probes = self.probe_failures,
+                "reopened the dedup store after failed writes"
+            ),
+            Err(e) => tracing::debug!(error = %e, "reopening the dedup store failed; will retry"),
+        }
+    }
+
+    /// Batches are durable again: ends the failing state, if any.
+    fn recovered(&mut self) {
+        if let Some(f) = self.failing.take() {
             tracing::warn!(
                 failures = f.failures,
                 down_ms = f.since.elapsed().as_millis() as u64,
@@ -562,7 +580,6 @@ impl Loop<'_> {
             self.probe_failures = 0;
             self.health.set_failing(None);
         }
-        self.after(batch, result);
     }
 
     /// A batch of fail-open topics went on without the store: loud, counted
@@ -608,26 +625,11 @@ impl Loop<'_> {
     /// again, so that the guard reaches the store without waiting for traffic.
     fn recover_idle(&mut self, store: &DedupStore) {
         if store.probe().is_err() {
-            self.probe_failures += 1;
-            if self.probe_failures >= REOPEN_AFTER_PROBES {
-                self.last_reopen = Some(Instant::now());
-                if let Err(e) = store.reopen() {
-                    tracing::debug!(error = %e, "reopening the dedup store failed; will retry");
-                }
-            }
+            self.probe_failed(store);
             return;
         }
         if self.flush_guard().is_ok() {
-            if let Some(f) = self.failing.take() {
-                tracing::warn!(
-                    down_ms = f.since.elapsed().as_millis() as u64,
-                    unverified = self.unverified_while_failing,
-                    "the dedup store takes writes again: resuming"
-                );
-            }
-            self.unverified_while_failing = 0;
-            self.probe_failures = 0;
-            self.health.set_failing(None);
+            self.recovered();
             m::degraded(false, self.parked.len());
         }
     }

@@ -643,23 +643,18 @@ impl DedupStore {
         let mut records: Vec<_> = batch.records.iter().collect();
         records.sort_unstable_by_key(|(key, (bucket, _))| (bucket.start_secs, key.0));
         let mut buf = Vec::with_capacity(128);
-        let mut current: Option<(i64, Arc<rocksdb::BoundColumnFamily<'_>>)> = None;
-        for (key, (bucket, record)) in records {
-            let cf = match &current {
-                Some((start, cf)) if *start == bucket.start_secs => cf.clone(),
-                _ => {
-                    self.ensure_bucket(&db, *bucket)?;
-                    let cf = family(&db, &bucket.name())?;
-                    current = Some((bucket.start_secs, cf.clone()));
-                    cf
-                }
-            };
-            buf.clear();
-            record.encode(&mut buf).map_err(|e| StoreError::Corrupt {
-                what: "dedup record",
-                detail: format!("cannot encode: {e}"),
-            })?;
-            wb.put_cf(&cf, key.0, &buf);
+        for group in records.chunk_by(|(_, (a, _)), (_, (b, _))| a == b) {
+            let bucket = group[0].1 .0;
+            self.ensure_bucket(&db, bucket)?;
+            let cf = family(&db, &bucket.name())?;
+            for (key, (_, record)) in group {
+                buf.clear();
+                record.encode(&mut buf).map_err(|e| StoreError::Corrupt {
+                    what: "dedup record",
+                    detail: format!("cannot encode: {e}"),
+                })?;
+                wb.put_cf(&cf, key.0, &buf);
+            }
         }
         let offsets = family(&db, OFFSETS_CF)?;
         for ((topic, partition), next) in &batch.checkpoints {
