@@ -9,8 +9,6 @@ use common::*;
 use idem::handler::ledger;
 use idem::store::DedupStore;
 use idem::workload::{Workload, WorkloadSpec};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -95,10 +93,7 @@ fn a_full_disk_holds_every_partition_until_space_returns_then_each_event_applies
     }
     let (status, body) = ready(ops);
     assert_eq!(status, 200, "{body}");
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", out.status);
-    let summary = parse_summary(&String::from_utf8_lossy(&out.stdout));
+    let summary = stop_with_sigterm(child);
     eprintln!("full disk: held at {held_at} of 20000; {summary}");
     assert_eq!(summary["handled"], spec.unique as u64);
     assert_eq!(summary["duplicates"], spec.resends as u64);

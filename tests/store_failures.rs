@@ -12,11 +12,9 @@ use common::faults::*;
 use common::*;
 use idem::store::DedupStore;
 use idem::workload::{produce_messages, Role, Workload, WorkloadSpec};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -57,13 +55,6 @@ fn calls_per_event(app: &App) -> HashMap<String, usize> {
 
 fn metric(ops: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
     app::metric(&app::get(ops, "/metrics").1, name, labels)
-}
-
-fn stop(child: Child) -> serde_json::Value {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", out.status);
-    parse_summary(&String::from_utf8_lossy(&out.stdout))
 }
 
 fn originals(w: &Workload) -> usize {
@@ -187,7 +178,7 @@ fn fail_open_handles_on_through_a_full_disk_counts_each_unverified_message_and_w
         || committed(&group, &topic, 4) == end,
         || format!("{:?} of {end:?}", committed(&group, &topic, 4)),
     );
-    let summary = stop(child);
+    let summary = stop_with_sigterm(child);
     eprintln!("fail open through a full disk: {sent} canaries; {summary}");
     assert_eq!(app.calls().len(), 2_000 + sent + 1_000);
     assert_eq!(summary["handled"], (2_000 + sent + 1_000) as u64);
@@ -237,7 +228,7 @@ fn a_store_on_a_read_only_filesystem_at_start_up_handles_nothing_until_it_is_wri
         || committed(&group, &topic, 4) == end,
         || format!("{:?} of {end:?}", committed(&group, &topic, 4)),
     );
-    let summary = stop(child);
+    let summary = stop_with_sigterm(child);
     assert_eq!(summary["handled"], originals(&first) as u64);
 
     // The filesystem goes read-only; more events arrive; the worker starts.
@@ -283,7 +274,7 @@ fn a_store_on_a_read_only_filesystem_at_start_up_handles_nothing_until_it_is_wri
             )
         },
     );
-    let summary = stop(child);
+    let summary = stop_with_sigterm(child);
     eprintln!("read-only store at start-up: {summary}");
     assert_eq!(summary["handled"], originals(&second) as u64);
     assert_eq!(summary["duplicates"], 100);

@@ -321,6 +321,17 @@ pub fn progress(store: &Path) -> i64 {
         .unwrap_or(0)
 }
 
+/// Stops an `idem run` child with SIGTERM, asserts it exited 0, and returns
+/// the summary it printed.
+pub fn stop_with_sigterm(child: std::process::Child) -> serde_json::Value {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", out.status);
+    parse_summary(&String::from_utf8_lossy(&out.stdout))
+}
+
 /// `idem run` against `broker` for `topic` and `group` with its store in
 /// `store`, quick rebalances, stdout piped and stderr to `stderr`.
 pub fn idem_run(
