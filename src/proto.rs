@@ -13,4 +13,6 @@ pub mod store {
 }
 
 pub use payment::{PaymentEvent, PaymentKind};
-pub use store::{Checkpoint, DedupRecord, Outcome as RecordOutcome, StoredResponse};
+pub use store::{
+    Checkpoint, CheckpointMark, DedupRecord, Outcome as RecordOutcome, StoredResponse,
+};

@@ -329,7 +329,7 @@ fn the_store_commands_read_a_store_that_is_open_for_writing_and_report_exactly()
     clock.set(now);
     record(&store, 300..500);
     let mut b = StoreBatch::new();
-    b.checkpoint("payments", 3, 500);
+    b.checkpoint("payments", 3, 500, None);
     store.commit(b).unwrap();
     store.flush().unwrap();
 

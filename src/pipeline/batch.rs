@@ -705,7 +705,14 @@ impl BatchProcessor {
         }
         for ((topic, partition), next) in &next_offsets {
             let name = format!("{}{topic}", self.checkpoint_prefix);
-            batch.checkpoint(&name, *partition, *next);
+            let last = messages
+                .iter()
+                .rev()
+                .find(|m| {
+                    m.offset() == *next - 1 && m.partition() == *partition && m.topic() == *topic
+                })
+                .map(super::truncation::mark_of);
+            batch.checkpoint(&name, *partition, *next, last);
         }
         if !letters.is_empty() {
             self.dead_letters

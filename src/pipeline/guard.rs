@@ -16,7 +16,7 @@
 use crate::key::ScopedKeyHash;
 use crate::pipeline::TopicPartition;
 use crate::proto::DedupRecord;
-use crate::store::{Bucket, StoreBatch};
+use crate::store::{Bucket, CheckpointAt, StoreBatch};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 /// Records and checkpoints that are not in the store yet.
@@ -26,7 +26,7 @@ pub struct Guard {
     records: HashMap<ScopedKeyHash, (Bucket, DedupRecord)>,
     /// Keys in the order they were first guarded, oldest first.
     order: VecDeque<ScopedKeyHash>,
-    checkpoints: BTreeMap<TopicPartition, i64>,
+    checkpoints: BTreeMap<TopicPartition, CheckpointAt>,
 }
 
 /// A batch's staged writes that the guard cannot keep: an in-process
@@ -134,7 +134,7 @@ mod tests {
             };
             b.record(key(i), Bucket::containing(0, 3600), r);
         }
-        b.checkpoint("t", 0, next);
+        b.checkpoint("t", 0, next, None);
         b
     }
 
@@ -159,7 +159,7 @@ mod tests {
         let mut b = batch(2..4, 9);
         assert_eq!(g.merge_into(&mut b), 2);
         assert_eq!(b.record_count(), 4);
-        assert_eq!(b.checkpoints[&("t".to_string(), 0)], 9);
+        assert_eq!(b.checkpoints[&("t".to_string(), 0)].next_offset, 9);
         g.clear();
         assert!(g.is_empty());
     }

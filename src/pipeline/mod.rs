@@ -31,6 +31,7 @@ pub mod guard;
 pub mod rebalance;
 pub mod retry;
 mod stats;
+pub mod truncation;
 
 pub use batch::{BatchProcessor, BatchResult, Deferral, MessageOutcome};
 pub use decide::{Decider, Decision, Prepared, StoredRecords, TopicRule};
@@ -38,6 +39,7 @@ pub use guard::Guard;
 pub use rebalance::{Assignment, IdemContext, TopicPartition};
 pub use retry::RetryPolicy;
 pub use stats::{BatchCounts, Counted, RunSummary, Stats};
+use truncation::{Log, Verdict};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -76,6 +78,11 @@ const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 /// How often an idle worker with keys in its fail-open guard checks whether
 /// the store takes writes again.
 const IDLE_RECOVERY_CHECK: Duration = Duration::from_secs(1);
+/// How often the comparison of the checkpoints with the log is tried again
+/// after an outage when it could not be made.
+const VERIFY_RETRY: Duration = Duration::from_secs(1);
+/// How long a partition held for the operator waits: until a restart.
+const HELD_FOR_OPERATOR: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// When the loop stops by itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -200,10 +207,14 @@ impl Worker {
             tracing::info!(count = dropped.len(), "dropped expired buckets at start-up");
         }
         let assignment = Arc::new(Mutex::new(Assignment::default()));
+        let log: Arc<dyn Log + Send + Sync> =
+            Arc::new(truncation::BrokerLog::new(kafka::base_config(&config)?)?);
         let consumer: BaseConsumer<IdemContext> = kafka::consumer_config(&config)?
             .create_with_context(
                 IdemContext::new(store.clone(), assignment.clone(), config.resume_from)
-                    .with_health(health.clone()),
+                    .with_health(health.clone())
+                    .with_log_check(log.clone())
+                    .with_stats(stats.clone()),
             )
             .context("creating the Kafka consumer")?;
         if config.create_topics {
@@ -243,6 +254,10 @@ impl Worker {
             last_reopen: None,
             unverified_while_failing: 0,
             batch_started: Instant::now(),
+            log,
+            outages_seen: 0,
+            verify_pending: false,
+            last_verify: None,
         };
         m::degraded(false, 0);
         // The store opened: whatever failed before this worker is over.
@@ -257,7 +272,25 @@ impl Worker {
         let mut first_message_at: Option<Instant> = None;
         while !shutdown.load(Ordering::SeqCst) {
             health.beat();
-            let batch = looper.fill_batch(config.batch_size, linger);
+            if looper.verify_pending
+                && !health.brokers_down()
+                && looper
+                    .last_verify
+                    .is_none_or(|t| t.elapsed() >= VERIFY_RETRY)
+            {
+                looper.verify_after_outage(&store);
+            }
+            let mut batch = looper.fill_batch(config.batch_size, linger);
+            if looper.verify_pending && !batch.is_empty() {
+                // Fetched after the outage: read again once the checkpoints
+                // were compared with the log (every partition is then sought
+                // back to its checkpoint).
+                tracing::debug!(
+                    messages = batch.len(),
+                    "messages fetched before the log was checked; they are read again after it"
+                );
+                batch.clear();
+            }
             if batch.is_empty() {
                 if looper.failing.is_some()
                     && !looper.processor.guard().is_empty()
@@ -347,6 +380,15 @@ struct Loop<'a> {
     unverified_while_failing: u64,
     /// When the batch being processed took its first message.
     batch_started: Instant,
+    /// Reads single messages, to compare checkpoints with the log.
+    log: Arc<dyn Log + Send + Sync>,
+    /// The outages (every broker down) the loop has seen.
+    outages_seen: u64,
+    /// True after an outage until the checkpoints were compared with the
+    /// log: nothing fetched meanwhile is handled.
+    verify_pending: bool,
+    /// When that comparison was last tried.
+    last_verify: Option<Instant>,
 }
 
 /// Batches cannot be made durable (the store, a dead letter or a reply
@@ -407,6 +449,11 @@ impl Loop<'_> {
             };
             let polled = self.consumer.poll(timeout);
             self.drop_revoked(&mut batch);
+            if self.outage_noticed() {
+                // What this poll returned may come from the brokers as they
+                // are after the outage: it is read again after the check.
+                break;
+            }
             match polled {
                 None => break,
                 Some(Err(e)) => {
@@ -444,6 +491,145 @@ impl Loop<'_> {
         batch
     }
 
+    /// True when the last poll reported every broker down (again): from then
+    /// on nothing is handled until [`Loop::verify_after_outage`] has compared
+    /// the checkpoints with the log.
+    fn outage_noticed(&mut self) -> bool {
+        let outages = self
+            .assignment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .outages;
+        if outages == self.outages_seen {
+            return false;
+        }
+        self.outages_seen = outages;
+        self.verify_pending = true;
+        true
+    }
+
+    /// Holds a partition whose log was rewritten below every checkpoint
+    /// kept: paused, its fetched messages dropped, until an operator chooses
+    /// where it resumes (and restarts the worker).
+    fn hold_for_operator(&mut self, tp: TopicPartition, why: String) {
+        if let Err(e) = self.consumer.pause(&one_partition(&tp)) {
+            tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "cannot pause a partition held for the operator; its messages are dropped as they arrive");
+        }
+        self.uncommitted.remove(&tp);
+        self.health.set_failing(Some(why));
+        self.parked.insert(
+            tp,
+            Parked {
+                messages: VecDeque::new(),
+                due: Instant::now() + HELD_FOR_OPERATOR,
+                held: true,
+            },
+        );
+        let held = self.parked.values().filter(|p| p.held).count();
+        self.health.set_held_partitions(held);
+        m::degraded(true, self.parked.len());
+    }
+
+    /// After an outage: compares each owned partition's store checkpoint
+    /// with the log, moves a rewritten one back to its newest matching
+    /// checkpoint (or holds it), and seeks every partition not waiting for a
+    /// retry back to its next offset, so that what was fetched during the
+    /// check, or by an offset reset after the outage, is read again from
+    /// there. When the log cannot be read, the check is tried again later.
+    fn verify_after_outage(&mut self, store: &DedupStore) {
+        self.last_verify = Some(Instant::now());
+        let owned = self.owned();
+        let mut seeks = Vec::new();
+        for ((topic, partition), start) in owned {
+            let tp = (topic.clone(), partition);
+            if self.parked.get(&tp).is_some_and(|p| p.held) {
+                continue;
+            }
+            let cp = match store.checkpoint_detail(&topic, partition) {
+                Ok(cp) => cp,
+                Err(e) => {
+                    tracing::warn!(%topic, partition, error = %e, "cannot read the store checkpoint to compare it with the log; will retry");
+                    return;
+                }
+            };
+            let next = self.processed.get(&tp).copied().or(start);
+            let verdict = match &cp {
+                Some(cp) => match truncation::verify(self.log.as_ref(), &topic, partition, cp) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(%topic, partition, error = %format!("{e:#}"),
+                            "cannot compare the store checkpoint with the log after the outage; will retry");
+                        return;
+                    }
+                },
+                None => Verdict::Unverifiable("no checkpoint"),
+            };
+            tracing::info!(%topic, partition, ?verdict, "checkpoint compared with the log after the outage");
+            match verdict {
+                Verdict::Intact | Verdict::Unverifiable(_) => {
+                    if let Some(next) = next.or(cp.as_ref().map(|c| c.next_offset)) {
+                        if !self.parked.contains_key(&tp) {
+                            seeks.push((tp, next));
+                        }
+                    }
+                }
+                Verdict::Rewritten { checkpoint, resume } => {
+                    let to = resume.next_offset;
+                    tracing::error!(%topic, partition, checkpoint, resume_at = to,
+                        "after the outage the brokers hold a rewritten log below the store checkpoint (acknowledged messages lost and their offsets reused): resuming at the newest earlier checkpoint that still matches the log; offsets {to}..{checkpoint} are read again (keys already recorded resolve as duplicates)");
+                    if let Err(e) = store.rewind_checkpoint(&topic, partition, &resume) {
+                        tracing::error!(%topic, partition, error = %e, "cannot move the store checkpoint back; the next durable batch does");
+                    }
+                    m::log_rewritten(&topic, partition, "resumed");
+                    self.stats.log_rewritten(false);
+                    self.processor
+                        .forget_partitions(&std::iter::once(tp.clone()).collect());
+                    if self.parked.remove(&tp).is_some() {
+                        if let Err(e) = self.consumer.resume(&one_partition(&tp)) {
+                            tracing::warn!(%topic, partition, error = %e, "cannot resume a rewound partition; will retry");
+                        }
+                    }
+                    self.processed.insert(tp.clone(), to);
+                    self.uncommitted.insert(tp.clone(), to);
+                    self.assignment
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .durable
+                        .insert(tp.clone(), to);
+                    seeks.push((tp, to));
+                }
+                Verdict::Unresolved {
+                    checkpoint,
+                    oldest_mark,
+                } => {
+                    let why = format!(
+                        "after an outage the log of {topic}/{partition} was found rewritten below the store checkpoint {checkpoint} and below every earlier checkpoint kept (the oldest at {}): no offset is known to be safe to resume at",
+                        oldest_mark.map_or("none".to_string(), |o| o.to_string())
+                    );
+                    tracing::error!(%topic, partition, checkpoint, reason = %why,
+                        "holding the partition: choose where it resumes by setting the group's committed offset and starting once with resume_from = \"group\"");
+                    m::log_rewritten(&topic, partition, "held");
+                    self.stats.log_rewritten(true);
+                    self.hold_for_operator(tp, why);
+                }
+            }
+        }
+        for ((topic, partition), next) in seeks {
+            if let Err(e) = self.consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(next),
+                Duration::from_secs(5),
+            ) {
+                tracing::warn!(%topic, partition, offset = next, error = %e,
+                    "cannot seek back to the checkpoint after the outage; will retry");
+                return;
+            }
+        }
+        tracing::info!("checkpoints compared with the log after the outage; consuming again");
+        self.verify_pending = false;
+    }
+
     /// Drops fetched-but-unstarted messages of partitions revoked during the
     /// last poll, parked ones included: the new owner will handle them.
     fn drop_revoked(&mut self, batch: &mut Vec<OwnedMessage>) {
@@ -456,8 +642,12 @@ impl Loop<'_> {
         for (tp, next) in state.commit_now.drain() {
             self.uncommitted.insert(tp, next);
         }
+        let held: Vec<(TopicPartition, String)> = state.held.drain().collect();
         let owned: Vec<TopicPartition> = state.owned.keys().cloned().collect();
         drop(state);
+        for (tp, why) in held {
+            self.hold_for_operator(tp, why);
+        }
         self.health.set_assigned(!owned.is_empty());
         // librdkafka keeps a partition paused across a re-assignment: every
         // owned partition that is not waiting for a retry is resumed.

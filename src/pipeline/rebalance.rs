@@ -6,6 +6,11 @@
 //!   durable write and its Kafka commit does not re-read what it already
 //!   recorded, and a store restored from an old backup does not rewind the
 //!   group (it starts at the committed offset and says so).
+//! - A start at the store's checkpoint is first compared with the log
+//!   ([`super::truncation`]): when the brokers rewrote the log below it, the
+//!   partition starts at the newest earlier checkpoint that still matches
+//!   (and that offset is committed), or, when none does, it is held for the
+//!   operator, paused.
 //! - With `resume_from = "group"` the committed offset alone decides, so an
 //!   operator's deliberate rewind replays messages (as duplicates).
 //! - On revocation the pipeline is between batches (the rebalance callback runs
@@ -19,8 +24,11 @@
 //!   reported here and the loop commits the latest durable offsets again,
 //!   never older ones.
 
+use super::stats::Stats;
+use super::truncation::{self, Log, Verdict};
 use crate::config::ResumeFrom;
 use crate::store::DedupStore;
+use crate::telemetry::metrics;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
@@ -50,6 +58,11 @@ pub struct Assignment {
     /// The last asynchronous commit failed with this error (taken by the
     /// loop, which commits its latest offsets again).
     pub commit_failed: Option<String>,
+    /// Partitions found rewritten below every checkpoint kept, to be held
+    /// by the loop (paused), with the reason.
+    pub held: HashMap<TopicPartition, String>,
+    /// Times every broker connection was reported down.
+    pub outages: u64,
     /// Rebalances seen.
     pub generation: u64,
 }
@@ -60,6 +73,8 @@ pub struct IdemContext {
     assignment: Arc<Mutex<Assignment>>,
     resume_from: ResumeFrom,
     health: Option<Arc<crate::telemetry::server::Health>>,
+    log: Option<Arc<dyn Log + Send + Sync>>,
+    stats: Option<Arc<Stats>>,
 }
 
 impl IdemContext {
@@ -74,6 +89,83 @@ impl IdemContext {
             assignment,
             resume_from,
             health: None,
+            log: None,
+            stats: None,
+        }
+    }
+
+    /// Compares each start at a store checkpoint with `log` first.
+    pub fn with_log_check(mut self, log: Arc<dyn Log + Send + Sync>) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// Counts what the assignment finds (rewritten logs) in `stats`.
+    pub fn with_stats(mut self, stats: Arc<Stats>) -> Self {
+        self.stats = Some(stats);
+        self
+    }
+
+    /// The offset to start a partition at whose store checkpoint is `s`:
+    /// `s` when the log still holds what the checkpoint recorded (or when
+    /// that cannot be told), else the newest earlier checkpoint that
+    /// matches; a partition rewritten below every checkpoint is put in
+    /// `state.held`.
+    fn checked_start(&self, topic: &str, partition: i32, s: i64, state: &mut Assignment) -> i64 {
+        let Some(log) = &self.log else {
+            return s;
+        };
+        let cp = match self.store.checkpoint_detail(topic, partition) {
+            Ok(Some(cp)) => cp,
+            Ok(None) => return s,
+            Err(e) => {
+                tracing::warn!(%topic, partition, error = %e, "cannot read the store checkpoint to compare it with the log");
+                return s;
+            }
+        };
+        let tp = (topic.to_string(), partition);
+        match truncation::verify(log.as_ref(), topic, partition, &cp) {
+            Ok(Verdict::Intact) => s,
+            Ok(Verdict::Unverifiable(why)) => {
+                tracing::debug!(%topic, partition, checkpoint = s, why, "checkpoint not compared with the log");
+                s
+            }
+            Ok(Verdict::Rewritten { checkpoint, resume }) => {
+                let to = resume.next_offset;
+                tracing::error!(%topic, partition, checkpoint, resume_at = to,
+                    "the brokers rewrote this partition's log below the store checkpoint (acknowledged messages lost and their offsets reused): resuming at the newest earlier checkpoint that still matches the log; offsets {to}..{checkpoint} are read again (keys already recorded resolve as duplicates)");
+                if let Err(e) = self.store.rewind_checkpoint(topic, partition, &resume) {
+                    tracing::error!(%topic, partition, error = %e, "cannot move the store checkpoint back; the next durable batch does");
+                }
+                metrics::log_rewritten(topic, partition, "resumed");
+                if let Some(st) = &self.stats {
+                    st.log_rewritten(false);
+                }
+                state.commit_now.insert(tp, to);
+                to
+            }
+            Ok(Verdict::Unresolved {
+                checkpoint,
+                oldest_mark,
+            }) => {
+                let why = format!(
+                    "the log of {topic}/{partition} was rewritten below the store checkpoint {checkpoint} and below every earlier checkpoint kept (the oldest at {}): no offset is known to be safe to resume at",
+                    oldest_mark.map_or("none".to_string(), |o| o.to_string())
+                );
+                tracing::error!(%topic, partition, checkpoint, reason = %why,
+                    "holding the partition: choose where it resumes by setting the group's committed offset and starting once with resume_from = \"group\"");
+                metrics::log_rewritten(topic, partition, "held");
+                if let Some(st) = &self.stats {
+                    st.log_rewritten(true);
+                }
+                state.held.insert(tp, why);
+                s
+            }
+            Err(e) => {
+                tracing::warn!(%topic, partition, checkpoint = s, error = %format!("{e:#}"),
+                    "cannot compare the store checkpoint with the log; starting at it unverified");
+                s
+            }
         }
     }
 
@@ -112,22 +204,25 @@ impl IdemContext {
                     tracing::info!(%topic, partition, store = s, committed = k,
                         "store is ahead of the group's committed offset (a crash after the durable write); starting at the store checkpoint");
                     state.commit_now.insert((topic.clone(), partition), s);
-                    Some(s)
+                    Some(self.checked_start(&topic, partition, s, &mut state))
                 }
                 (Some(s), None) => {
                     tracing::info!(%topic, partition, store = s,
                         "the group has no committed offset but the store has a checkpoint (a crash before the first commit); starting at the store checkpoint");
                     state.commit_now.insert((topic.clone(), partition), s);
-                    Some(s)
+                    Some(self.checked_start(&topic, partition, s, &mut state))
+                }
+                (Some(s), Some(k)) if s == k => {
+                    Some(self.checked_start(&topic, partition, s, &mut state))
                 }
                 (Some(s), Some(k)) if s < k => {
-                    crate::telemetry::metrics::store_behind(&topic, partition);
+                    metrics::store_behind(&topic, partition);
                     tracing::warn!(%topic, partition, store = s, committed = k,
                         "store checkpoint is behind the group's committed offset (store restored from an older copy, or another worker handled this partition): the keys of offsets {s}..{k} are not in this store; starting at the committed offset, never reprocessing them");
                     Some(k)
                 }
                 (None, Some(k)) => {
-                    crate::telemetry::metrics::store_behind(&topic, partition);
+                    metrics::store_behind(&topic, partition);
                     tracing::warn!(%topic, partition, committed = k,
                         "the store has no checkpoint for this partition but the group has committed offset {k} (a new, missing or replaced store): keys recorded before are not known here; starting at the committed offset");
                     Some(k)
@@ -157,6 +252,7 @@ impl IdemContext {
             state.owned.remove(&tp);
             state.commit_now.remove(&tp);
             state.durable.remove(&tp);
+            state.held.remove(&tp);
             state.revoked.insert(tp);
         }
     }
@@ -173,6 +269,12 @@ impl ClientContext for IdemContext {
                 h.set_brokers_down(format!("all brokers are down: {reason}"));
             }
             if first {
+                // The loop compares its checkpoints with the log before it
+                // handles anything fetched after this.
+                self.assignment
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .outages += 1;
                 tracing::error!(%reason, "all Kafka brokers are down; waiting for them (offsets stay durable in the store)");
             } else {
                 tracing::debug!(%reason, "all Kafka brokers are still down");

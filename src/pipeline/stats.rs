@@ -34,6 +34,8 @@ pub struct Stats {
     unverified: AtomicU64,
     guard_evictions: AtomicU64,
     guard_flushed: AtomicU64,
+    log_rewrites: AtomicU64,
+    log_rewrites_held: AtomicU64,
     processing_ms: AtomicU64,
     /// Microseconds from a batch's first message entering it to the batch
     /// being durable, once per message; created on first use.
@@ -100,6 +102,13 @@ pub struct RunSummary {
     pub guard_evictions: u64,
     /// Guarded records written into the store once it took writes again.
     pub guard_flushed: u64,
+    /// Partitions whose log the brokers rewrote below the checkpoint
+    /// (acknowledged messages lost, their offsets reused), resumed at an
+    /// earlier checkpoint that still matches the log.
+    pub log_rewrites: u64,
+    /// Partitions found rewritten below every checkpoint kept, held for the
+    /// operator.
+    pub log_rewrites_held: u64,
     /// Median time a message spent in the worker, microseconds: from its
     /// batch's first message being polled (or taken back after a retry
     /// wait) to the batch's outcomes being durable. An upper bound per
@@ -223,6 +232,18 @@ impl Stats {
         self.guard_flushed.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts a partition whose log was found rewritten below its
+    /// checkpoint: resumed at an earlier verified checkpoint, or (`held`)
+    /// held for the operator.
+    pub fn log_rewritten(&self, held: bool) {
+        let c = if held {
+            &self.log_rewrites_held
+        } else {
+            &self.log_rewrites
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a failed offset commit.
     pub fn commit_failed(&self) {
         self.commit_failures.fetch_add(1, Ordering::Relaxed);
@@ -255,6 +276,8 @@ impl Stats {
             unverified: g(&self.unverified),
             guard_evictions: g(&self.guard_evictions),
             guard_flushed: g(&self.guard_flushed),
+            log_rewrites: g(&self.log_rewrites),
+            log_rewrites_held: g(&self.log_rewrites_held),
             processing_ms: g(&self.processing_ms),
             latency_p50_us: self.latency_quantile(0.5),
             latency_p99_us: self.latency_quantile(0.99),

@@ -15,11 +15,20 @@ use std::collections::{BTreeMap, HashMap};
 /// A staged handler write: `None` deletes.
 type Staged = HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
 
+/// A staged partition checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointAt {
+    /// The next offset to process.
+    pub next_offset: i64,
+    /// Identity of the message at `next_offset - 1`, when known.
+    pub last_message: Option<[u8; 16]>,
+}
+
 /// Everything one batch will write.
 #[derive(Default)]
 pub struct StoreBatch {
     pub(crate) records: HashMap<ScopedKeyHash, (Bucket, DedupRecord)>,
-    pub(crate) checkpoints: BTreeMap<(String, i32), i64>,
+    pub(crate) checkpoints: BTreeMap<(String, i32), CheckpointAt>,
     pub(crate) effects: Staged,
 }
 
@@ -40,10 +49,23 @@ impl StoreBatch {
         self.records.insert(key, (bucket, record));
     }
 
-    /// Stages the next offset to process for a partition.
-    pub fn checkpoint(&mut self, topic: &str, partition: i32, next_offset: i64) {
-        self.checkpoints
-            .insert((topic.to_string(), partition), next_offset);
+    /// Stages the next offset to process for a partition, with the identity
+    /// of the message before it when this batch finished that message (see
+    /// [`crate::pipeline::truncation::mark_of`]).
+    pub fn checkpoint(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+        last_message: Option<[u8; 16]>,
+    ) {
+        self.checkpoints.insert(
+            (topic.to_string(), partition),
+            CheckpointAt {
+                next_offset,
+                last_message,
+            },
+        );
     }
 
     /// Number of dedup records staged.

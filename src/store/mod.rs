@@ -18,13 +18,13 @@ mod batch;
 mod bucket;
 pub mod inspect;
 
-pub use batch::{HandlerTxn, StoreBatch};
+pub use batch::{CheckpointAt, HandlerTxn, StoreBatch};
 pub use bucket::Bucket;
 pub use inspect::{BucketStats, StoreStats, VerifyReport};
 
 use crate::clock::Clock;
 use crate::key::ScopedKeyHash;
-use crate::proto::{Checkpoint, DedupRecord};
+use crate::proto::{Checkpoint, CheckpointMark, DedupRecord};
 use prost::Message as _;
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, Options,
@@ -557,6 +557,61 @@ impl DedupStore {
         .transpose()
     }
 
+    /// A partition's whole checkpoint: the next offset, the identity of the
+    /// message before it and the earlier checkpoints kept as marks.
+    pub fn checkpoint_detail(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        let db = self.db()?;
+        let cf = family(&db, OFFSETS_CF)?;
+        let v = db
+            .get_cf(&cf, checkpoint_key(topic, partition))
+            .map_err(rocks("read a partition checkpoint"))?;
+        v.map(|bytes| {
+            Checkpoint::decode(bytes.as_slice()).map_err(|e| StoreError::Corrupt {
+                what: "checkpoint",
+                detail: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Moves a partition's checkpoint back to an earlier mark, in a synced
+    /// write: for a log that was rewritten above that mark, whose messages
+    /// are then read again (those already recorded resolve as duplicates).
+    /// The marks at or above it are dropped.
+    pub fn rewind_checkpoint(
+        &self,
+        topic: &str,
+        partition: i32,
+        to: &CheckpointMark,
+    ) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let cf = family(&db, OFFSETS_CF)?;
+        let key = checkpoint_key(topic, partition);
+        let history = self
+            .checkpoint_detail(topic, partition)?
+            .map(|c| c.history)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.next_offset < to.next_offset)
+            .collect();
+        let c = Checkpoint {
+            next_offset: to.next_offset,
+            written_at_ms: self.processing_time(),
+            last_message: to.last_message.clone(),
+            history,
+        };
+        let mut wb = WriteBatch::default();
+        wb.put_cf(&cf, key, c.encode_to_vec());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.opts.sync);
+        db.write_opt(wb, &wo)
+            .map_err(rocks("rewind a partition checkpoint"))
+    }
+
     /// Every checkpoint in the store: (topic, partition, next offset).
     pub fn checkpoints(&self) -> Result<Vec<(String, i32, i64)>, StoreError> {
         let db = self.db()?;
@@ -657,16 +712,28 @@ impl DedupStore {
             }
         }
         let offsets = family(&db, OFFSETS_CF)?;
-        for ((topic, partition), next) in &batch.checkpoints {
-            let c = Checkpoint {
-                next_offset: *next,
-                written_at_ms: now,
-            };
-            wb.put_cf(
-                &offsets,
-                checkpoint_key(topic, *partition),
-                c.encode_to_vec(),
-            );
+        if !batch.checkpoints.is_empty() {
+            let keys: Vec<Vec<u8>> = batch
+                .checkpoints
+                .keys()
+                .map(|(topic, partition)| checkpoint_key(topic, *partition))
+                .collect();
+            let previous = db.batched_multi_get_cf(&offsets, &keys, false);
+            for ((key, at), prev) in keys.iter().zip(batch.checkpoints.values()).zip(previous) {
+                let prev = prev
+                    .map_err(rocks("read a partition checkpoint"))?
+                    .map(|v| Checkpoint::decode(v.as_ref()))
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt {
+                        what: "checkpoint",
+                        detail: e.to_string(),
+                    })?;
+                wb.put_cf(
+                    &offsets,
+                    key,
+                    advance_checkpoint(prev, at, now).encode_to_vec(),
+                );
+            }
         }
         let mut effects: Vec<_> = batch.effects.iter().collect();
         effects.sort_unstable_by(|a, b| a.0.cmp(b.0));
@@ -805,6 +872,49 @@ fn decode_record(bytes: &[u8]) -> Result<DedupRecord, StoreError> {
     })
 }
 
+/// How much processing time at least lies between two marks of a
+/// checkpoint's history.
+pub const MARK_SPACING_MS: i64 = 1_000;
+/// How many earlier checkpoints a checkpoint keeps as marks: with
+/// [`MARK_SPACING_MS`], at least the last half-minute of a busy partition.
+pub const MARK_HISTORY: usize = 32;
+
+/// The checkpoint that follows `prev` when a batch stages `at`: the previous
+/// checkpoint becomes the newest mark once it is [`MARK_SPACING_MS`] newer
+/// than the mark before it; marks at or above the new offset (after a
+/// rewind) are dropped.
+fn advance_checkpoint(prev: Option<Checkpoint>, at: &CheckpointAt, now: i64) -> Checkpoint {
+    let mut history = Vec::new();
+    let mut last_message = at.last_message.map(|m| m.to_vec()).unwrap_or_default();
+    if let Some(p) = prev {
+        history = p.history;
+        if p.next_offset == at.next_offset && last_message.is_empty() {
+            last_message = p.last_message.clone();
+        }
+        let spaced = history
+            .first()
+            .is_none_or(|h| p.written_at_ms - h.written_at_ms >= MARK_SPACING_MS);
+        if p.next_offset < at.next_offset && !p.last_message.is_empty() && spaced {
+            history.insert(
+                0,
+                CheckpointMark {
+                    next_offset: p.next_offset,
+                    last_message: p.last_message,
+                    written_at_ms: p.written_at_ms,
+                },
+            );
+        }
+        history.retain(|h| h.next_offset < at.next_offset);
+        history.truncate(MARK_HISTORY);
+    }
+    Checkpoint {
+        next_offset: at.next_offset,
+        written_at_ms: now,
+        last_message,
+        history,
+    }
+}
+
 /// Checkpoint key: topic bytes, a zero byte, the partition big-endian.
 fn checkpoint_key(topic: &str, partition: i32) -> Vec<u8> {
     let mut k = Vec::with_capacity(topic.len() + 5);
@@ -861,7 +971,7 @@ mod tests {
             let mut b = StoreBatch::new();
             let now = store.processing_time();
             b.record(key, store.bucket_for(now), record(now));
-            b.checkpoint("t", 0, 10);
+            b.checkpoint("t", 0, 10, None);
             store.commit(b).unwrap();
         }
         let store = open(dir.path(), &clock);
@@ -870,6 +980,50 @@ mod tests {
         assert_eq!(store.checkpoint("t", 1).unwrap(), None);
         assert_eq!(store.live_buckets().len(), 1);
         assert_eq!(store.checkpoints().unwrap(), vec![("t".to_string(), 0, 10)]);
+    }
+
+    #[test]
+    fn checkpoints_keep_marks_a_second_apart_newest_first_and_a_rewind_drops_the_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(100 * HOUR);
+        let store = open(dir.path(), &clock);
+        // A batch of 10 messages every 300 ms for 60 s: 200 checkpoints.
+        for i in 1..=200i64 {
+            let mut b = StoreBatch::new();
+            b.checkpoint("t", 0, i * 10, Some([i as u8; 16]));
+            store.commit(b).unwrap();
+            clock.advance(300);
+        }
+        let cp = store.checkpoint_detail("t", 0).unwrap().unwrap();
+        assert_eq!(cp.next_offset, 2000);
+        assert_eq!(cp.last_message, vec![200u8; 16]);
+        assert_eq!(cp.history.len(), MARK_HISTORY);
+        // Newest first, each mark's identity that of its own checkpoint, 1.2
+        // s apart (the first checkpoint at least 1 s after the mark before
+        // it: every fourth), the newest within about a second of the head.
+        let offsets: Vec<i64> = cp.history.iter().map(|m| m.next_offset).collect();
+        assert_eq!(offsets[..3], [1970, 1930, 1890]);
+        for m in &cp.history {
+            assert_eq!(m.last_message, vec![(m.next_offset / 10) as u8; 16]);
+        }
+        for w in cp.history.windows(2) {
+            assert_eq!(w[0].written_at_ms - w[1].written_at_ms, 1_200);
+        }
+        // Back to the mark at 1930: the marks at or above it go.
+        let to = cp.history[1].clone();
+        store.rewind_checkpoint("t", 0, &to).unwrap();
+        let back = store.checkpoint_detail("t", 0).unwrap().unwrap();
+        assert_eq!(back.next_offset, 1930);
+        assert_eq!(back.last_message, vec![193u8; 16]);
+        assert_eq!(back.history.len(), MARK_HISTORY - 2);
+        assert_eq!(back.history[0].next_offset, 1890);
+        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(1930));
+        // A batch that finished nothing keeps the identity of the offset.
+        let mut b = StoreBatch::new();
+        b.checkpoint("t", 0, 1930, None);
+        store.commit(b).unwrap();
+        let same = store.checkpoint_detail("t", 0).unwrap().unwrap();
+        assert_eq!(same.last_message, vec![193u8; 16]);
     }
 
     #[test]
@@ -898,7 +1052,7 @@ mod tests {
             let store = open(dir.path(), &clock);
             assert_eq!(store.processing_time(), 10 * HOUR);
             let mut b = StoreBatch::new();
-            b.checkpoint("t", 0, 1);
+            b.checkpoint("t", 0, 1, None);
             store.commit(b).unwrap();
         }
         clock.set(8 * HOUR);
@@ -938,7 +1092,7 @@ mod tests {
         let mut b = StoreBatch::new();
         let now = store.processing_time();
         b.record(key, store.bucket_for(now), record(now));
-        b.checkpoint("t", 0, 10);
+        b.checkpoint("t", 0, 10, None);
         store.commit(b).unwrap();
         clock.set(99 * HOUR);
         store.reopen().unwrap();
@@ -947,7 +1101,7 @@ mod tests {
         assert_eq!(store.live_buckets().len(), 1);
         assert_eq!(store.processing_time(), 100 * HOUR);
         let mut b = StoreBatch::new();
-        b.checkpoint("t", 0, 11);
+        b.checkpoint("t", 0, 11, None);
         store.commit(b).unwrap();
         store.probe().unwrap();
         assert_eq!(store.checkpoint("t", 0).unwrap(), Some(11));

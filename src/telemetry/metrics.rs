@@ -42,6 +42,9 @@ pub const BATCH_FAILURES: &str = "idem_batch_failures_total";
 /// Assignments where the store's checkpoint was behind the group's
 /// committed offset (a store restored from an old copy).
 pub const STORE_BEHIND: &str = "idem_store_behind_total";
+/// Counter: partitions whose log was found rewritten below the checkpoint,
+/// by topic, partition and what the worker did (`resumed`, `held`).
+pub const LOG_REWRITES: &str = "idem_log_rewrites_total";
 /// Counter: new messages handled without durable dedup (fail open), by topic.
 pub const UNVERIFIED: &str = "idem_unverified_total";
 /// Gauge: keys held by the fail-open guard.
@@ -131,6 +134,16 @@ fn describe() {
         GUARD_EVICTIONS,
         "Keys the full fail-open guard forgot: a redelivery of one reaches the handler again."
     );
+    describe_counter!(
+        LOG_REWRITES,
+        "Partitions whose log the brokers rewrote below the checkpoint (acknowledged messages lost, offsets reused): resumed at an earlier verified checkpoint, or held for the operator."
+    );
+}
+
+/// Counts a partition log found rewritten below its checkpoint.
+pub fn log_rewritten(topic: &str, partition: i32, action: &'static str) {
+    counter!(LOG_REWRITES, "topic" => topic.to_string(), "partition" => partition.to_string(), "action" => action)
+        .increment(1);
 }
 
 /// Adds `n` duplicates whose first copy came from another partition.

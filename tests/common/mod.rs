@@ -278,6 +278,22 @@ impl OwnBroker {
         broker_sh(&["start", &self.port.to_string()], self.dir.path());
     }
 
+    /// Stops both brokers and starts this one again, on its port, with the
+    /// data `other` held: to the clients of this one, a broker that came
+    /// back from a restart with another log.
+    pub fn restart_with_data_of(&self, other: &OwnBroker) {
+        other.stop();
+        self.stop();
+        for entry in std::fs::read_dir(other.dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name();
+            if name == "kafka.json" {
+                std::fs::copy(entry.path(), self.dir.path().join(&name)).unwrap();
+            }
+        }
+        self.restart();
+    }
+
     /// What the broker process wrote last, and whether its port answers.
     pub fn describe(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default();
