@@ -18,6 +18,7 @@ use idem::clock::ManualClock;
 use idem::handler::ledger::{self, Ledger};
 use idem::pipeline::{RunSummary, StopWhen, Worker};
 use idem::store::DedupStore;
+use idem::telemetry::server::Health;
 use idem::workload::{Workload, WorkloadMessage, WorkloadSpec};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -79,6 +80,7 @@ type Running = (
     Arc<DedupStore>,
     Arc<AtomicBool>,
     std::thread::JoinHandle<RunSummary>,
+    Arc<Health>,
 );
 
 fn start_worker(config: idem::config::Config, clock: &ManualClock) -> Running {
@@ -89,10 +91,11 @@ fn start_worker(config: idem::config::Config, clock: &ManualClock) -> Running {
         .try_init();
     let worker = Worker::with_clock(config, Box::new(Ledger), Arc::new(clock.clone())).unwrap();
     let store = worker.store();
+    let health = worker.health();
     let shutdown = Arc::new(AtomicBool::new(false));
     let stop = shutdown.clone();
     let run = std::thread::spawn(move || worker.run(stop, StopWhen::Shutdown).unwrap());
-    (store, shutdown, run)
+    (store, shutdown, run, health)
 }
 
 /// Produces the first 1,000 events in chunks of 100 to the running worker
@@ -139,6 +142,20 @@ fn assert_rewritten_log_handled(s: &RunSummary, store: &DedupStore, topic: &str)
     assert_eq!(store.checkpoint(topic, 0).unwrap(), Some(1_300));
 }
 
+/// Deletes `topic` and creates it again, empty, with one partition.
+fn recreate_topic(topic: &str) {
+    delete_topic(topic);
+    wait_until(
+        30,
+        "the topic can be created again",
+        || {
+            std::panic::catch_unwind(|| create_topic(topic, 1)).is_ok()
+                && log_end(topic, 1) == vec![0]
+        },
+        || "still there".into(),
+    );
+}
+
 fn delete_topic(topic: &str) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -161,7 +178,7 @@ fn a_log_rewritten_below_the_checkpoint_is_read_again_from_the_newest_matching_c
     let dir = tempfile::tempdir().unwrap();
     let config = config(&topic, &group, &dir.path().join("store"));
     let clock = ManualClock::new(now_ms());
-    let (store, shutdown, run) = start_worker(config.clone(), &clock);
+    let (store, shutdown, run, _) = start_worker(config.clone(), &clock);
     let base = now_ms();
     produce_in_chunks(&store, &brokers(), &topic, a, &clock, base);
     drop(store);
@@ -170,21 +187,12 @@ fn a_log_rewritten_below_the_checkpoint_is_read_again_from_the_newest_matching_c
     assert_eq!(committed(&group, &topic, 1), vec![1_000]);
 
     // The broker "loses" offsets 600..999 and takes 700 new events there.
-    delete_topic(&topic);
-    wait_until(
-        30,
-        "the topic can be created again",
-        || {
-            std::panic::catch_unwind(|| create_topic(&topic, 1)).is_ok()
-                && log_end(&topic, 1) == vec![0]
-        },
-        || "still there".into(),
-    );
+    recreate_topic(&topic);
     produce_at(&brokers(), &topic, &a[..600], base);
     produce_at(&brokers(), &topic, b, base + 10_000);
     assert_eq!(log_end(&topic, 1), vec![1_300]);
 
-    let (store, shutdown, run) = start_worker(config, &clock);
+    let (store, shutdown, run, _) = start_worker(config, &clock);
     wait_until(
         60,
         "the worker handles the rewritten log",
@@ -211,7 +219,7 @@ fn after_an_outage_a_broker_back_with_a_rewritten_log_is_read_again_from_the_new
     config.brokers = broker.addr.clone();
     let clock = ManualClock::new(now_ms());
 
-    let (store, shutdown, run) = start_worker(config, &clock);
+    let (store, shutdown, run, _) = start_worker(config, &clock);
     let base = now_ms();
     produce_in_chunks(&store, &broker.addr, &topic, a, &clock, base);
 
@@ -241,4 +249,64 @@ fn after_an_outage_a_broker_back_with_a_rewritten_log_is_read_again_from_the_new
     s.handled -= 1_000;
     s.consumed -= 1_000;
     assert_rewritten_log_handled(&s, &store, &topic);
+}
+
+#[test]
+fn a_log_rewritten_below_every_mark_holds_the_partition_until_the_operator_chooses() {
+    let topic = unique("rewritten");
+    let group = unique("g");
+    create_topic(&topic, 1);
+    let ev = events("rw-held");
+    let a = &ev[..1_000];
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&topic, &group, &dir.path().join("store"));
+    let clock = ManualClock::new(now_ms());
+    let (store, shutdown, run, _) = start_worker(config.clone(), &clock);
+    produce_in_chunks(&store, &brokers(), &topic, a, &clock, now_ms());
+    drop(store);
+    shutdown.store(true, Ordering::SeqCst);
+    assert_eq!(run.join().unwrap().handled, 1_000);
+
+    // Every offset holds another message now: no mark matches.
+    recreate_topic(&topic);
+    let other = events("rw-held-new");
+    produce_at(&brokers(), &topic, &other[..1_300], now_ms());
+
+    let (store, shutdown, run, health) = start_worker(config.clone(), &clock);
+    // Held: not ready, saying why; nothing is handled and nothing moves.
+    wait_until(
+        30,
+        "/readyz names the rewritten partition",
+        || {
+            health.not_ready_reasons().iter().any(|r| {
+                r.contains(&format!(
+                    "the log of {topic}/0 was rewritten below the store checkpoint 1000"
+                ))
+            })
+        },
+        || format!("{:?}", health.not_ready_reasons()),
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(store.checkpoint(&topic, 0).unwrap(), Some(1_000));
+    drop(store);
+    shutdown.store(true, Ordering::SeqCst);
+    let s = run.join().unwrap();
+    assert_eq!((s.log_rewrites_held, s.log_rewrites), (1, 0), "{s:?}");
+    assert_eq!((s.consumed, s.handled), (0, 0), "{s:?}");
+
+    // The operator's choice: the group's offset at 0, started once with
+    // resume_from = "group". Every message of the new log is handled once.
+    rewind_group(&group, &topic, 1, 0);
+    config.resume_from = idem::config::ResumeFrom::Group;
+    let (store, shutdown, run, _) = start_worker(config, &clock);
+    wait_until(
+        60,
+        "the worker handles the new log from the operator's offset",
+        || store.checkpoint(&topic, 0).unwrap() == Some(1_300),
+        || format!("checkpoint {:?}", store.checkpoint(&topic, 0)),
+    );
+    shutdown.store(true, Ordering::SeqCst);
+    let s = run.join().unwrap();
+    assert_eq!((s.handled, s.duplicates), (1_300, 0), "{s:?}");
+    assert_eq!(ledger::applied_counts(&store).unwrap().len(), 2_300);
 }

@@ -53,7 +53,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message as _;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -258,6 +258,7 @@ impl Worker {
             outages_seen: 0,
             verify_pending: false,
             last_verify: None,
+            held_for_operator: HashSet::new(),
         };
         m::degraded(false, 0);
         // The store opened: whatever failed before this worker is over.
@@ -389,6 +390,9 @@ struct Loop<'a> {
     verify_pending: bool,
     /// When that comparison was last tried.
     last_verify: Option<Instant>,
+    /// Partitions held (paused) for the operator: their log was rewritten
+    /// below every checkpoint kept.
+    held_for_operator: HashSet<TopicPartition>,
 }
 
 /// Batches cannot be made durable (the store, a dead letter or a reply
@@ -516,17 +520,17 @@ impl Loop<'_> {
             tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "cannot pause a partition held for the operator; its messages are dropped as they arrive");
         }
         self.uncommitted.remove(&tp);
-        self.health.set_failing(Some(why));
+        self.health
+            .set_rewritten(format!("{}/{}", tp.0, tp.1), Some(why));
+        self.held_for_operator.insert(tp.clone());
         self.parked.insert(
             tp,
             Parked {
                 messages: VecDeque::new(),
                 due: Instant::now() + HELD_FOR_OPERATOR,
-                held: true,
+                held: false,
             },
         );
-        let held = self.parked.values().filter(|p| p.held).count();
-        self.health.set_held_partitions(held);
         m::degraded(true, self.parked.len());
     }
 
@@ -542,7 +546,7 @@ impl Loop<'_> {
         let mut seeks = Vec::new();
         for ((topic, partition), start) in owned {
             let tp = (topic.clone(), partition);
-            if self.parked.get(&tp).is_some_and(|p| p.held) {
+            if self.held_for_operator.contains(&tp) {
                 continue;
             }
             let cp = match store.checkpoint_detail(&topic, partition) {
@@ -676,6 +680,10 @@ impl Loop<'_> {
         for tp in &revoked {
             self.processed.remove(tp);
             self.uncommitted.remove(tp);
+            if self.held_for_operator.remove(tp) {
+                self.health
+                    .set_rewritten(format!("{}/{}", tp.0, tp.1), None);
+            }
         }
     }
 

@@ -28,6 +28,9 @@ pub struct Health {
     brokers_down: AtomicBool,
     stopping: AtomicBool,
     held_partitions: AtomicU64,
+    /// Partitions held for the operator (their log was rewritten below
+    /// every checkpoint kept), by "topic/partition", with the reason.
+    rewritten: Mutex<std::collections::BTreeMap<String, String>>,
     /// Unix ms of the last turn of the pipeline loop.
     heartbeat_ms: AtomicU64,
     /// How long the loop may go without a turn before `/healthz` fails.
@@ -113,6 +116,16 @@ impl Health {
         self.held_partitions.store(n as u64, Ordering::Relaxed);
     }
 
+    /// A partition held for the operator because its log was rewritten
+    /// (`Some` reason), or no longer (`None`: revoked).
+    pub fn set_rewritten(&self, partition: String, why: Option<String>) {
+        let mut r = self.rewritten.lock().unwrap_or_else(|e| e.into_inner());
+        match why {
+            Some(w) => r.insert(partition, w),
+            None => r.remove(&partition),
+        };
+    }
+
     /// The worker is shutting down: not ready any more.
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
@@ -148,6 +161,13 @@ impl Health {
         {
             out.push(format!("Kafka: {why}"));
         }
+        out.extend(
+            self.rewritten
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned(),
+        );
         let handler = self.handler.lock().unwrap_or_else(|e| e.into_inner());
         if handler.as_ref().is_some_and(|h| !h.reachable()) {
             out.push("the application did not answer the last call".to_string());
