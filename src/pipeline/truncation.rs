@@ -299,6 +299,15 @@ mod tests {
         }
     }
 
+    /// The verdict for the checkpoint at 150 rewritten above the mark at
+    /// `next`.
+    fn resumes_at(next: i64) -> Verdict {
+        Verdict::Rewritten {
+            checkpoint: 150,
+            resume: mark(next),
+        }
+    }
+
     /// A checkpoint at `next` with marks at `marks` (newest first), as the
     /// worker recorded them from the original log.
     fn checkpoint(next: i64, marks: &[i64]) -> Checkpoint {
@@ -324,13 +333,7 @@ mod tests {
         let cp = checkpoint(150, &[120, 90, 60]);
         // Offsets from 100 on were rewritten: 120's message differs, 90's not.
         let v = verify(&log(180, 100), "t", 0, &cp).unwrap();
-        assert_eq!(
-            v,
-            Verdict::Rewritten {
-                checkpoint: 150,
-                resume: mark(90)
-            }
-        );
+        assert_eq!(v, resumes_at(90));
     }
 
     #[test]
@@ -338,13 +341,7 @@ mod tests {
         let cp = checkpoint(150, &[140, 110]);
         // The log now ends at 130 and is otherwise the same.
         let v = verify(&log(130, 1000), "t", 0, &cp).unwrap();
-        assert_eq!(
-            v,
-            Verdict::Rewritten {
-                checkpoint: 150,
-                resume: mark(110)
-            }
-        );
+        assert_eq!(v, resumes_at(110));
     }
 
     #[test]
@@ -365,13 +362,7 @@ mod tests {
         // A mark at 0 would be "nothing before it", which every log holds.
         let cp = checkpoint(150, &[120, 0]);
         let v = verify(&log(180, 0), "t", 0, &cp).unwrap();
-        assert_eq!(
-            v,
-            Verdict::Rewritten {
-                checkpoint: 150,
-                resume: mark(0)
-            }
-        );
+        assert_eq!(v, resumes_at(0));
     }
 
     #[test]
@@ -395,13 +386,7 @@ mod tests {
             Verdict::Intact
         );
         let v = verify(&log(130, 1000), "t", 0, &cp).unwrap();
-        assert_eq!(
-            v,
-            Verdict::Rewritten {
-                checkpoint: 150,
-                resume: mark(120)
-            }
-        );
+        assert_eq!(v, resumes_at(120));
         let mut bare = checkpoint(150, &[]);
         bare.last_message.clear();
         assert_eq!(

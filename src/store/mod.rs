@@ -541,20 +541,9 @@ impl DedupStore {
 
     /// The next offset to process for a partition, if one was checkpointed.
     pub fn checkpoint(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        let db = self.db()?;
-        let cf = family(&db, OFFSETS_CF)?;
-        let v = db
-            .get_cf(&cf, checkpoint_key(topic, partition))
-            .map_err(rocks("read a partition checkpoint"))?;
-        v.map(|bytes| {
-            Checkpoint::decode(bytes.as_slice())
-                .map(|c| c.next_offset)
-                .map_err(|e| StoreError::Corrupt {
-                    what: "checkpoint",
-                    detail: e.to_string(),
-                })
-        })
-        .transpose()
+        Ok(self
+            .checkpoint_detail(topic, partition)?
+            .map(|c| c.next_offset))
     }
 
     /// A partition's whole checkpoint: the next offset, the identity of the
