@@ -7,6 +7,8 @@
 //!   broker and machine;
 //! - (b) `idem`: the worker with the ledger handler, one synced RocksDB
 //!   write per batch (batch_size 500);
+//! - (b') `idem-overlap`: the same with `overlap_wal_sync = true` (a
+//!   batch's fsync runs while the next batch is processed)
 //! - (c) `redis`: the hand-rolled dedup — `SET key NX EX 86400` per message
 //!   against a local Redis (from Debian's packages, started here, no
 //!   persistence), then the balance applied in memory;
@@ -137,19 +139,20 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
             let con = client.get_connection().context("connecting to Redis")?;
             plain(&brokers, &topic, &group, expect, Some(con))
         }
-        "idem" | "idem-sync-each" => {
+        "idem" | "idem-overlap" | "idem-sync-each" => {
             let dir = tempfile::tempdir()?;
             let mut config = Config {
                 brokers,
                 group_id: group,
                 topics: vec![topic],
                 store_dir: dir.path().join("store"),
-                batch_size: if role == "idem" {
+                batch_size: if role != "idem-sync-each" {
                     num(args, "--batch-size", 500)? as usize
                 } else {
                     1
                 },
                 batch_linger_ms: num(args, "--linger-ms", 10)?,
+                overlap_wal_sync: role == "idem-overlap",
                 metrics: idem::config::MetricsConfig {
                     listen: String::new(),
                 },
@@ -173,7 +176,9 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
                 consumer_errors: 0,
             })
         }
-        other => bail!("unknown --role {other:?}: plain, redis, idem, idem-sync-each"),
+        other => {
+            bail!("unknown --role {other:?}: plain, redis, idem, idem-overlap, idem-sync-each")
+        }
     }
 }
 
@@ -551,7 +556,7 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
         Ok(())
     };
     for round in 0..rounds {
-        for role in ["plain", "idem", "redis"] {
+        for role in ["plain", "idem", "idem-overlap", "redis"] {
             let r = contend(
                 role,
                 &big,
@@ -579,6 +584,10 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
     let label = [
         ("plain", "(a) plain consumer, offsets stored"),
         ("idem", "(b) idem, ledger, sync per batch"),
+        (
+            "idem-overlap",
+            "(b') idem, same, sync overlapped with the next batch",
+        ),
         ("redis", "(c) Redis SET NX EX per message"),
         ("idem (small)", "(b) idem, same, small topic"),
         ("idem-sync-each", "(d) idem, sync per message"),
@@ -605,6 +614,12 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
         rate["idem"] / rate["plain"],
         rate["idem"] / rate["redis"],
         rate["idem (small)"] / rate["idem-sync-each"],
+    );
+    println!(
+        "b'/a = {:.2}; b'/c = {:.2}; b'/b = {:.2}",
+        rate["idem-overlap"] / rate["plain"],
+        rate["idem-overlap"] / rate["redis"],
+        rate["idem-overlap"] / rate["idem"],
     );
     drop(redis);
     Ok(())

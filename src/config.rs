@@ -278,6 +278,11 @@ pub struct Config {
     pub batch_size: usize,
     /// How long to wait for a batch to fill, milliseconds.
     pub batch_linger_ms: u64,
+    /// Sync a batch's WAL write while the next batch is processed, and
+    /// commit its offsets once the sync returned (`true`), instead of
+    /// syncing inside the write (`false`). Either way an offset is committed
+    /// only after its batch is durable.
+    pub overlap_wal_sync: bool,
     /// Dead-letter topic; `{topic}` is replaced by the source topic.
     pub dead_letter_topic: String,
     /// Where a group with no committed offset starts: `earliest` or `latest`.
@@ -335,6 +340,7 @@ impl Default for Config {
             max_payload_bytes: 0,
             batch_size: 500,
             batch_linger_ms: 10,
+            overlap_wal_sync: false,
             dead_letter_topic: "{topic}.dlq".into(),
             auto_offset_reset: "earliest".into(),
             create_topics: true,
@@ -383,6 +389,7 @@ const ENV_FIELDS: &[(&str, Kind)] = &[
     ("max_payload_bytes", Kind::Int),
     ("batch_size", Kind::Int),
     ("batch_linger_ms", Kind::Int),
+    ("overlap_wal_sync", Kind::Bool),
     ("dead_letter_topic", Kind::Str),
     ("auto_offset_reset", Kind::Str),
     ("create_topics", Kind::Bool),

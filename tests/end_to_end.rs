@@ -268,3 +268,34 @@ fn with_no_linger_a_backlog_still_goes_in_full_batches_and_applies_once() {
     );
     assert_eq!(committed(&group, &topic, 4), log_end(&topic, 4));
 }
+
+#[test]
+fn with_the_wal_sync_overlapped_every_event_applies_once_and_offsets_wait_for_the_sync() {
+    let topic = unique("overlap");
+    let group = unique("idem");
+    create_topic(&topic, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let workload = Workload::generate(&WorkloadSpec::default());
+    workload.produce(&brokers(), &topic).unwrap();
+    let mut config = config(&topic, &group, &dir.path().join("store"));
+    config.overlap_wal_sync = true;
+    config.batch_size = 100;
+    let (s, store) = run(config.clone());
+    assert_eq!(
+        (s.consumed, s.handled, s.duplicates, s.conflicts),
+        (10_000, 8_950, 1_000, 50)
+    );
+    assert_eq!(
+        ledger::balances(&store).unwrap(),
+        workload.expected_balances()
+    );
+    let applied = ledger::applied_counts(&store).unwrap();
+    assert_eq!(applied.len(), 8_950);
+    assert!(applied.values().all(|&n| n == 1));
+    drop(store);
+    // Caught up means synced and committed: the committed offsets are the
+    // log end, and a second run finds nothing to do.
+    assert_eq!(committed(&group, &topic, 4), log_end(&topic, 4));
+    let (again, _) = run(config);
+    assert_eq!((again.consumed, again.handled), (0, 0));
+}

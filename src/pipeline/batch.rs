@@ -79,6 +79,10 @@ pub struct BatchProcessor {
     pub max_in_flight: usize,
     /// Topics with `on_store_failure = "fail_open"`.
     pub fail_open: HashSet<String>,
+    /// Write batches without syncing the WAL (the loop syncs them while
+    /// the next batch is processed); batches of fail-open topics are
+    /// always synced in their write.
+    pub overlap_sync: bool,
     /// What fail-open topics remember while the store cannot be written.
     guard: Guard,
     /// Failed attempts of messages not finished yet.
@@ -114,6 +118,9 @@ pub struct BatchResult {
     /// went to the fail-open guard instead (its offsets may still be
     /// committed: the operator chose `fail_open`).
     pub unverified: bool,
+    /// True when the batch was written without syncing the WAL: its
+    /// offsets may be committed only after [`DedupStore::sync_wal`].
+    pub needs_sync: bool,
 }
 
 /// True for a store failure that fail-open topics go on through: the store
@@ -236,6 +243,7 @@ impl BatchProcessor {
                 .filter(|t| config.on_store_failure_for(t) == OnStoreFailure::FailOpen)
                 .cloned()
                 .collect(),
+            overlap_sync: false,
             guard: Guard::new(config.fail_open_max_keys),
             attempts: HashMap::new(),
             leases: HashMap::new(),
@@ -728,7 +736,13 @@ impl BatchProcessor {
         }
         let began = Instant::now();
         let mut unverified = false;
-        match self.store.commit_ref(&batch) {
+        let written = if self.overlap_sync && !guardable {
+            self.store.commit_unsynced(&batch)
+        } else {
+            self.store.commit_ref(&batch)
+        };
+        let needs_sync = self.overlap_sync && !guardable && written.is_ok();
+        match written {
             Ok(()) => m::store_write(began.elapsed(), messages.len()),
             Err(e) if guardable && store_down(&e) => {
                 unverified = true;
@@ -757,6 +771,7 @@ impl BatchProcessor {
             counts,
             outcomes,
             unverified,
+            needs_sync,
         })
     }
 

@@ -31,6 +31,7 @@ pub mod guard;
 pub mod rebalance;
 pub mod retry;
 mod stats;
+mod sync;
 pub mod truncation;
 
 pub use batch::{BatchProcessor, BatchResult, Deferral, MessageOutcome};
@@ -238,7 +239,11 @@ impl Worker {
         tracing::info!(topics = ?topics, group = %config.group_id, store = %config.store_dir.display(),
             handler = handler.name(), "worker started");
 
-        let processor = BatchProcessor::new(&config, store.clone(), handler, "")?;
+        let mut processor = BatchProcessor::new(&config, store.clone(), handler, "")?;
+        processor.overlap_sync = config.overlap_wal_sync;
+        let syncer = config
+            .overlap_wal_sync
+            .then(|| sync::Syncer::start(store.clone()));
         let mut looper = Loop {
             consumer: &consumer,
             assignment: &assignment,
@@ -259,6 +264,9 @@ impl Worker {
             verify_pending: false,
             last_verify: None,
             held_for_operator: HashSet::new(),
+            syncer,
+            written_seq: 0,
+            unsynced: VecDeque::new(),
         };
         m::degraded(false, 0);
         // The store opened: whatever failed before this worker is over.
@@ -273,6 +281,7 @@ impl Worker {
         let mut first_message_at: Option<Instant> = None;
         while !shutdown.load(Ordering::SeqCst) {
             health.beat();
+            looper.drain_synced()?;
             if looper.verify_pending
                 && !health.brokers_down()
                 && looper
@@ -337,7 +346,7 @@ impl Worker {
         }
         health.set_stopping();
         looper.flush_guard_at_exit();
-        looper.commit_final();
+        looper.commit_final()?;
         consumer.unsubscribe();
         stats.set_clock_clamps(store.clock_clamps());
         let summary = stats.snapshot();
@@ -393,6 +402,21 @@ struct Loop<'a> {
     /// Partitions held (paused) for the operator: their log was rewritten
     /// below every checkpoint kept.
     held_for_operator: HashSet<TopicPartition>,
+    /// Syncs the WAL behind the writes (`overlap_wal_sync`).
+    syncer: Option<sync::Syncer>,
+    /// Batches written without a sync, numbered from 1.
+    written_seq: u64,
+    /// Written batches whose sync has not returned yet, oldest first: their
+    /// offsets wait here, not committed.
+    unsynced: VecDeque<Unsynced>,
+}
+
+/// A batch written but not yet synced.
+struct Unsynced {
+    seq: u64,
+    next_offsets: Vec<(TopicPartition, i64)>,
+    started: Instant,
+    done: u64,
 }
 
 /// Batches cannot be made durable (the store, a dead letter or a reply
@@ -520,6 +544,7 @@ impl Loop<'_> {
             tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "cannot pause a partition held for the operator; its messages are dropped as they arrive");
         }
         self.uncommitted.remove(&tp);
+        self.forget_unsynced(&tp);
         self.health
             .set_rewritten(format!("{}/{}", tp.0, tp.1), Some(why));
         self.held_for_operator.insert(tp.clone());
@@ -593,13 +618,14 @@ impl Loop<'_> {
                             tracing::warn!(%topic, partition, error = %e, "cannot resume a rewound partition; will retry");
                         }
                     }
+                    self.forget_unsynced(&tp);
                     self.processed.insert(tp.clone(), to);
                     self.uncommitted.insert(tp.clone(), to);
-                    self.assignment
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .durable
-                        .insert(tp.clone(), to);
+                    {
+                        let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+                        state.durable.insert(tp.clone(), to);
+                        state.written.insert(tp.clone(), to);
+                    }
                     seeks.push((tp, to));
                 }
                 Verdict::Unresolved {
@@ -680,6 +706,7 @@ impl Loop<'_> {
         for tp in &revoked {
             self.processed.remove(tp);
             self.uncommitted.remove(tp);
+            self.forget_unsynced(tp);
             if self.held_for_operator.remove(tp) {
                 self.health
                     .set_rewritten(format!("{}/{}", tp.0, tp.1), None);
@@ -889,18 +916,45 @@ impl Loop<'_> {
             m::cross_partition(result.counts.cross_partition);
         }
         let done = result.outcomes.iter().filter(|o| o.is_some()).count() as u64;
-        if done > 0 {
-            self.stats
-                .record_latency(self.batch_started.elapsed().as_micros() as u64, done);
-        }
         count_outcomes(&batch, &result);
-        {
-            let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
-            for (tp, next) in &result.next_offsets {
-                self.processed.insert(tp.clone(), *next);
-                self.uncommitted.insert(tp.clone(), *next);
-                if state.owned.contains_key(tp) {
-                    state.durable.insert(tp.clone(), *next);
+        match &self.syncer {
+            Some(syncer) if result.needs_sync => {
+                // Offsets wait for the sync (see `drain_synced`); the next
+                // batch starts after this one at once.
+                self.written_seq += 1;
+                syncer.request(self.written_seq);
+                let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+                for (tp, next) in &result.next_offsets {
+                    self.processed.insert(tp.clone(), *next);
+                    if state.owned.contains_key(tp) {
+                        state.written.insert(tp.clone(), *next);
+                    }
+                }
+                drop(state);
+                self.unsynced.push_back(Unsynced {
+                    seq: self.written_seq,
+                    next_offsets: result
+                        .next_offsets
+                        .iter()
+                        .map(|(tp, n)| (tp.clone(), *n))
+                        .collect(),
+                    started: self.batch_started,
+                    done,
+                });
+            }
+            _ => {
+                if done > 0 {
+                    self.stats
+                        .record_latency(self.batch_started.elapsed().as_micros() as u64, done);
+                }
+                let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+                for (tp, next) in &result.next_offsets {
+                    self.processed.insert(tp.clone(), *next);
+                    self.uncommitted.insert(tp.clone(), *next);
+                    if state.owned.contains_key(tp) {
+                        state.durable.insert(tp.clone(), *next);
+                        state.written.insert(tp.clone(), *next);
+                    }
                 }
             }
         }
@@ -960,13 +1014,77 @@ impl Loop<'_> {
 
     /// At shutdown: commits the latest durable offset of every owned
     /// partition and waits for the answer.
-    fn commit_final(&mut self) {
+    fn commit_final(&mut self) -> anyhow::Result<()> {
+        if let Some(syncer) = &self.syncer {
+            if !syncer.wait_for(self.written_seq) {
+                return Err(self.sync_failed());
+            }
+            self.drain_synced()?;
+        }
         for (tp, _) in self.owned() {
             if let Some(next) = self.processed.get(&tp) {
                 self.uncommitted.insert(tp, *next);
             }
         }
         self.commit(CommitMode::Sync);
+        Ok(())
+    }
+
+    /// Moves the offsets of batches whose sync returned to the commit list
+    /// (owned partitions only) and commits them. A failed sync ends the
+    /// worker: the batches written since the last good sync may be lost by
+    /// a machine crash, so their offsets are never committed, and a new
+    /// worker starts from what the store holds.
+    fn drain_synced(&mut self) -> anyhow::Result<()> {
+        let Some(syncer) = &self.syncer else {
+            return Ok(());
+        };
+        if self.unsynced.is_empty() {
+            return Ok(());
+        }
+        let Some(synced) = syncer.synced() else {
+            return Err(self.sync_failed());
+        };
+        let mut moved = false;
+        while self.unsynced.front().is_some_and(|u| u.seq <= synced) {
+            let Some(u) = self.unsynced.pop_front() else {
+                break;
+            };
+            if u.done > 0 {
+                self.stats
+                    .record_latency(u.started.elapsed().as_micros() as u64, u.done);
+            }
+            let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+            for (tp, next) in u.next_offsets {
+                if state.owned.contains_key(&tp) {
+                    state.durable.insert(tp.clone(), next);
+                    self.uncommitted.insert(tp, next);
+                    moved = true;
+                }
+            }
+        }
+        if moved {
+            self.commit_pending();
+        }
+        Ok(())
+    }
+
+    fn sync_failed(&self) -> anyhow::Error {
+        let e = self
+            .syncer
+            .as_ref()
+            .and_then(|s| s.take_error())
+            .map(anyhow::Error::new)
+            .unwrap_or_else(|| anyhow::anyhow!("an earlier sync failed"));
+        e.context("syncing the dedup store's write-ahead log failed: the worker stops without committing the offsets of the batches not synced")
+    }
+
+    /// Forgets the not-yet-synced offsets of a partition (moved back or
+    /// given up), so that they are never committed for it.
+    fn forget_unsynced(&mut self, tp: &TopicPartition) {
+        for u in &mut self.unsynced {
+            u.next_offsets.retain(|(t, _)| t != tp);
+        }
     }
 
     fn commit(&mut self, mode: CommitMode) {
@@ -979,7 +1097,8 @@ impl Loop<'_> {
         if failed.is_some() {
             self.stats.commit_failed();
             m::commit_failed();
-            for (tp, next) in &self.processed {
+            let state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+            for (tp, next) in &state.durable {
                 self.uncommitted.insert(tp.clone(), *next);
             }
         }
@@ -1062,7 +1181,7 @@ impl Loop<'_> {
                 return false;
             }
         }
-        self.uncommitted.is_empty()
+        self.uncommitted.is_empty() && self.unsynced.is_empty()
     }
 }
 

@@ -55,6 +55,10 @@ pub struct Assignment {
     /// Next offset to process of each owned partition whose outcomes are
     /// durable: what a revocation commits. Written by the loop.
     pub durable: HashMap<TopicPartition, i64>,
+    /// Next offset to process of each owned partition whose outcomes are
+    /// written, perhaps not yet synced (`overlap_wal_sync`): what a
+    /// revocation commits once it has synced the store itself.
+    pub written: HashMap<TopicPartition, i64>,
     /// The last asynchronous commit failed with this error (taken by the
     /// loop, which commits its latest offsets again).
     pub commit_failed: Option<String>,
@@ -252,6 +256,7 @@ impl IdemContext {
             state.owned.remove(&tp);
             state.commit_now.remove(&tp);
             state.durable.remove(&tp);
+            state.written.remove(&tp);
             state.held.remove(&tp);
             state.revoked.insert(tp);
         }
@@ -292,11 +297,25 @@ impl IdemContext {
         if consumer.assignment_lost() || self.health.as_ref().is_some_and(|h| h.brokers_down()) {
             return;
         }
+        // Batches written but not yet synced become durable here, so that
+        // the next owner starts after them too.
+        let synced = match self.store.sync_wal() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sync the store before giving partitions up; committing what was synced before");
+                false
+            }
+        };
         let mut tpl = TopicPartitionList::new();
         {
             let state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+            let offsets = if synced {
+                &state.written
+            } else {
+                &state.durable
+            };
             for e in revoked.elements() {
-                if let Some(next) = state.durable.get(&(e.topic().to_string(), e.partition())) {
+                if let Some(next) = offsets.get(&(e.topic().to_string(), e.partition())) {
                     let _ =
                         tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(*next));
                 }

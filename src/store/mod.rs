@@ -675,6 +675,26 @@ impl DedupStore {
     /// Like [`DedupStore::commit`], leaving the batch to the caller (to keep
     /// elsewhere when the write fails).
     pub fn commit_ref(&self, batch: &StoreBatch) -> Result<(), StoreError> {
+        self.commit_with(batch, self.opts.sync)
+    }
+
+    /// Like [`DedupStore::commit_ref`] without syncing the WAL: the batch is
+    /// visible to every read at once and survives a crash of the process,
+    /// but not of the machine, until [`DedupStore::sync_wal`] returns. A
+    /// crash before that keeps a prefix of the batches written (each one
+    /// whole or not at all).
+    pub fn commit_unsynced(&self, batch: &StoreBatch) -> Result<(), StoreError> {
+        self.commit_with(batch, false)
+    }
+
+    /// Makes every batch written so far durable (one fsync of the WAL).
+    pub fn sync_wal(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
+        db.flush_wal(true)
+            .map_err(rocks("sync the write-ahead log"))
+    }
+
+    fn commit_with(&self, batch: &StoreBatch, sync: bool) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -736,7 +756,7 @@ impl DedupStore {
         let meta = family(&db, META_CF)?;
         wb.put_cf(&meta, META_HWM, (now as u64).to_be_bytes());
         let mut wo = WriteOptions::default();
-        wo.set_sync(self.opts.sync);
+        wo.set_sync(sync);
         db.write_opt(wb, &wo)
             .map_err(rocks("write a batch of dedup records"))
     }

@@ -83,6 +83,8 @@ pub fn config(topic: &str, group: &str, store: &Path) -> Config {
         store_dir: store.to_path_buf(),
         ..Config::default()
     };
+    // The whole suite can run with the overlapped WAL sync.
+    c.overlap_wal_sync = overlap_wal_sync();
     c.kafka.insert(
         "session.timeout.ms".into(),
         toml::Value::String("6000".into()),
@@ -104,7 +106,17 @@ pub fn child_env() -> Vec<(&'static str, &'static str)> {
         ("RUST_LOG", "info,rdkafka=warn"),
         // Several workers at once: each on a free port.
         ("IDEM_METRICS__LISTEN", "127.0.0.1:0"),
+        (
+            "IDEM_OVERLAP_WAL_SYNC",
+            if overlap_wal_sync() { "true" } else { "false" },
+        ),
     ]
+}
+
+/// `IDEM_TEST_OVERLAP_WAL_SYNC=1` runs the tests' workers with
+/// `overlap_wal_sync = true`.
+pub fn overlap_wal_sync() -> bool {
+    std::env::var("IDEM_TEST_OVERLAP_WAL_SYNC").is_ok_and(|v| v == "1")
 }
 
 /// A consumer of the tests' own. It takes fetch responses up to 1 GB:
