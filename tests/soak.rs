@@ -184,7 +184,7 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
         .filter(|m| m.role == Role::Original)
         .map(|m| m.payload.as_slice())
         .collect();
-    let mut originals_in_log: HashSet<String> = HashSet::new();
+    let mut originals_in_log: HashMap<String, Vec<(i32, i64)>> = HashMap::new();
     let in_log = {
         use prost::Message as _;
         use rdkafka::consumer::Consumer as _;
@@ -226,7 +226,10 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
                         if conflict {
                             conflicts_in_log.insert((m.partition(), m.offset()), id.clone());
                         } else if original {
-                            originals_in_log.insert(id.clone());
+                            originals_in_log
+                                .entry(id.clone())
+                                .or_default()
+                                .push((m.partition(), m.offset()));
                         }
                         ids.insert(id);
                     }
@@ -329,7 +332,7 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
     // the first copy of its key: handled, not dead-lettered.)
     let unanswered: Vec<(i32, i64)> = conflicts_in_log
         .iter()
-        .filter(|(at, id)| originals_in_log.contains(*id) && !letters.1.contains(at))
+        .filter(|(at, id)| originals_in_log.contains_key(*id) && !letters.1.contains(at))
         .map(|(at, _)| *at)
         .collect();
     // Of those, the ones a worker logged as dead-lettered (the broker then
@@ -337,6 +340,13 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
     let logged = dead_lettered_in_logs(dir.path());
     let conflicts_without_letter = unanswered.iter().filter(|at| !logged.contains(at)).count();
     let logged_letters_missing = unanswered.len() - conflicts_without_letter;
+    for at in unanswered.iter().filter(|at| !logged.contains(at)) {
+        let id = &conflicts_in_log[at];
+        println!(
+            "soak: conflict at {at:?} ({id}) has no dead letter and no worker logged one; its original is at {:?}",
+            originals_in_log[id]
+        );
+    }
     println!(
         "soak: events={events} kills={kills} broker_restarts={restarts} lost={lost} doubled={doubled} events_in_log={in_log}/{} missing_from_broker={missing_from_broker} (applied_before_the_loss {applied_not_in_log}) balances_exact={balances_exact} committed_is_log_end={} dead_letters={} (distinct {}, conflicts {}, conflicts_in_log {}, unanswered {conflicts_without_letter}, dead_lettered_per_worker_logs {logged_letters_missing}) elapsed_s={:.0}",
         spec.unique,

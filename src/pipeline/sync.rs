@@ -124,3 +124,38 @@ fn run(store: &DedupStore, state: &(Mutex<State>, Condvar)) {
         cv.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::{StoreBatch, StoreOptions};
+
+    #[test]
+    fn a_requested_batch_is_reported_synced_and_a_closed_store_fails_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            DedupStore::open(
+                dir.path(),
+                StoreOptions::default(),
+                Arc::new(ManualClock::new(1_000_000)),
+            )
+            .unwrap(),
+        );
+        let syncer = Syncer::start(store.clone());
+        assert_eq!(syncer.synced(), Some(0));
+        let mut b = StoreBatch::new();
+        b.checkpoint("t", 0, 7, None);
+        store.commit_unsynced(&b).unwrap();
+        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(7));
+        assert!(syncer.wait_for(1));
+        assert_eq!(syncer.synced(), Some(1));
+        // A sync that fails stays failed, and its error is handed out once.
+        store.close();
+        assert!(!syncer.wait_for(2));
+        assert_eq!(syncer.synced(), None);
+        assert!(syncer.take_error().is_some());
+        assert!(syncer.take_error().is_none());
+        assert!(!syncer.wait_for(3));
+    }
+}
