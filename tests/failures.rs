@@ -172,6 +172,11 @@ fn a_store_with_a_corrupt_table_file_at_start_up_is_refused_and_nothing_is_handl
 #[test]
 #[ignore = "noida-db 0.2.3 can hang a group rejoin after a broker restart; run with --ignored"]
 fn a_broker_down_for_40_s_mid_run_costs_nothing_and_readiness_says_so() {
+    // RUST_LOG=info shows the worker's log when a run needs explaining.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let broker = OwnBroker::start();
     let topic = unique("broker-down");
     let group = unique("g");

@@ -485,7 +485,18 @@ impl Loop<'_> {
             match polled {
                 None => break,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "consumer error");
+                    use rdkafka::types::RDKafkaErrorCode as Code;
+                    // Broker connections lost are reported (once, and on
+                    // /readyz) by the client context; librdkafka repeats
+                    // them on every poll meanwhile.
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(Code::AllBrokersDown | Code::BrokerTransportFailure)
+                    ) {
+                        tracing::debug!(error = %e, "consumer error");
+                    } else {
+                        tracing::warn!(error = %e, "consumer error");
+                    }
                     if batch.is_empty() {
                         break;
                     }
