@@ -328,11 +328,18 @@ fn sigkills_and_broker_restarts_lose_and_double_nothing() {
     };
     // Conflicts the broker still holds that have no dead letter: idem's
     // failure, unless the broker lost the dead letter itself.
-    // (A conflict whose original the broker lost before anyone read it is
-    // the first copy of its key: handled, not dead-lettered.)
+    // (A conflict the log holds before its original, or without it, is the
+    // first copy of its key: handled, not dead-lettered. That happens when
+    // the broker loses the original's first copy and the producer's retry
+    // of its chunk writes it again after the conflict.)
     let unanswered: Vec<(i32, i64)> = conflicts_in_log
         .iter()
-        .filter(|(at, id)| originals_in_log.contains_key(*id) && !letters.1.contains(at))
+        .filter(|(at, id)| {
+            originals_in_log
+                .get(*id)
+                .is_some_and(|o| o.iter().any(|first| first < *at))
+                && !letters.1.contains(at)
+        })
         .map(|(at, _)| *at)
         .collect();
     // Of those, the ones a worker logged as dead-lettered (the broker then
