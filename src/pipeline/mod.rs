@@ -292,14 +292,10 @@ impl Worker {
             }
             let mut batch = looper.fill_batch(config.batch_size, linger);
             if looper.verify_pending && !batch.is_empty() {
-                // Fetched after the outage: read again once the checkpoints
-                // were compared with the log (every partition is then sought
-                // back to its checkpoint).
-                tracing::debug!(
-                    messages = batch.len(),
-                    "messages fetched before the log was checked; they are read again after it"
-                );
-                batch.clear();
+                // Not handled before the checkpoints were compared with the
+                // log: they wait in memory, in order (see
+                // `verify_after_outage` for what becomes of them).
+                looper.park_until_checked(std::mem::take(&mut batch));
             }
             if batch.is_empty() {
                 if looper.failing.is_some()
@@ -547,6 +543,23 @@ impl Loop<'_> {
         true
     }
 
+    /// Keeps a batch fetched while the checkpoints wait to be compared with
+    /// the log: each partition's messages wait (paused) in front of any
+    /// already waiting, and are looked at again after a second.
+    fn park_until_checked(&mut self, batch: Vec<OwnedMessage>) {
+        let mut deferred = BTreeMap::new();
+        for m in &batch {
+            deferred
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert(Deferral {
+                    offset: m.offset(),
+                    delay: VERIFY_RETRY,
+                    held: false,
+                });
+        }
+        self.park(batch, &deferred);
+    }
+
     /// Holds a partition whose log was rewritten below every checkpoint
     /// kept: paused, its fetched messages dropped, until an operator chooses
     /// where it resumes (and restarts the worker).
@@ -607,10 +620,24 @@ impl Loop<'_> {
             tracing::info!(%topic, partition, ?verdict, "checkpoint compared with the log after the outage");
             match verdict {
                 Verdict::Intact | Verdict::Unverifiable(_) => {
-                    if let Some(next) = next.or(cp.as_ref().map(|c| c.next_offset)) {
-                        if !self.parked.contains_key(&tp) {
-                            seeks.push((tp, next));
+                    let Some(next) = next.or(cp.as_ref().map(|c| c.next_offset)) else {
+                        continue;
+                    };
+                    // Messages waiting in memory that do not start at the
+                    // next offset (an offset reset after the outage) are
+                    // dropped and read again from it.
+                    let waiting_elsewhere = self
+                        .parked
+                        .get(&tp)
+                        .is_some_and(|p| p.messages.front().is_some_and(|m| m.offset() != next));
+                    if waiting_elsewhere {
+                        self.parked.remove(&tp);
+                        if let Err(e) = self.consumer.resume(&one_partition(&tp)) {
+                            tracing::warn!(%topic, partition, error = %e, "cannot resume a partition; will retry");
                         }
+                    }
+                    if !self.parked.contains_key(&tp) {
+                        seeks.push((tp, next));
                     }
                 }
                 Verdict::Rewritten { checkpoint, resume } => {
