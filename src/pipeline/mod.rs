@@ -547,17 +547,7 @@ impl Loop<'_> {
     /// the log: each partition's messages wait (paused) in front of any
     /// already waiting, and are looked at again after a second.
     fn park_until_checked(&mut self, batch: Vec<OwnedMessage>) {
-        let mut deferred = BTreeMap::new();
-        for m in &batch {
-            deferred
-                .entry((m.topic().to_string(), m.partition()))
-                .or_insert(Deferral {
-                    offset: m.offset(),
-                    delay: VERIFY_RETRY,
-                    held: false,
-                });
-        }
-        self.park(batch, &deferred);
+        self.park_whole(batch, VERIFY_RETRY);
     }
 
     /// Holds a partition whose log was rewritten below every checkpoint
@@ -934,17 +924,7 @@ impl Loop<'_> {
         self.health.set_failing(Some(text));
         self.stats.batch_failed();
         m::batch_failed();
-        let mut deferred = BTreeMap::new();
-        for m in &batch {
-            deferred
-                .entry((m.topic().to_string(), m.partition()))
-                .or_insert(Deferral {
-                    offset: m.offset(),
-                    delay,
-                    held: false,
-                });
-        }
-        self.park(batch, &deferred);
+        self.park_whole(batch, delay);
         m::degraded(true, self.parked.len());
     }
 
@@ -1003,6 +983,22 @@ impl Loop<'_> {
         let held = self.parked.values().filter(|p| p.held).count();
         self.health.set_held_partitions(held);
         m::degraded(held > 0 || self.failing.is_some(), self.parked.len());
+    }
+
+    /// Holds back a whole batch: each partition waits at its first message
+    /// of the batch for `delay`.
+    fn park_whole(&mut self, batch: Vec<OwnedMessage>, delay: Duration) {
+        let mut deferred = BTreeMap::new();
+        for m in &batch {
+            deferred
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert(Deferral {
+                    offset: m.offset(),
+                    delay,
+                    held: false,
+                });
+        }
+        self.park(batch, &deferred);
     }
 
     /// Holds back the messages of deferred partitions from their deferred
