@@ -130,6 +130,33 @@ impl Default for MetricsConfig {
     }
 }
 
+/// The changelog (`[changelog]`): every dedup record is also produced to a
+/// compacted topic partitioned like its source, and restored from it when a
+/// partition is assigned, so that partitions can move between workers
+/// without their keys being forgotten.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChangelogConfig {
+    /// Produce and restore the changelog. Needed whenever more than one
+    /// worker runs in the group, or a worker's store can be replaced.
+    pub enabled: bool,
+    /// Changelog topic of each source topic; `{group}` and `{topic}` are
+    /// replaced, and `{topic}` is required.
+    pub topic: String,
+    /// Retention of the changelog past the window and one bucket, seconds.
+    pub retention_margin_secs: u64,
+}
+
+impl Default for ChangelogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topic: "{group}.idem-changelog.{topic}".into(),
+            retention_margin_secs: 3600,
+        }
+    }
+}
+
 /// Where a newly assigned partition starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -311,6 +338,8 @@ pub struct Config {
     pub retry: RetryConfig,
     /// The operations endpoint.
     pub metrics: MetricsConfig,
+    /// The changelog that lets partitions move between workers.
+    pub changelog: ChangelogConfig,
     /// Things worth a warning at start-up that are not errors (an `IDEM_*`
     /// variable that sets nothing, a scope no topic uses).
     #[serde(skip)]
@@ -354,6 +383,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             retry: RetryConfig::default(),
             metrics: MetricsConfig::default(),
+            changelog: ChangelogConfig::default(),
             warnings: Vec::new(),
         }
     }
@@ -425,6 +455,14 @@ const ENV_SECTIONS: &[(&str, &[(&str, Kind)])] = &[
         ],
     ),
     ("metrics", &[("listen", Kind::Str)]),
+    (
+        "changelog",
+        &[
+            ("enabled", Kind::Bool),
+            ("topic", Kind::Str),
+            ("retention_margin_secs", Kind::Int),
+        ],
+    ),
 ];
 
 /// librdkafka properties idem sets itself; setting them in `[kafka]` would
@@ -525,6 +563,19 @@ impl Config {
         self.dead_letter_topic.replace("{topic}", topic)
     }
 
+    /// The changelog topic of source `topic`.
+    pub fn changelog_topic_for(&self, topic: &str) -> String {
+        crate::changelog::topic_for(&self.changelog.topic, &self.group_id, topic)
+    }
+
+    /// How long the changelog keeps records: the longest window, one
+    /// bucket and the margin, milliseconds.
+    pub fn changelog_retention_ms(&self) -> u64 {
+        // Scopes' windows are at most `window_secs`.
+        (self.window_secs + self.bucket_secs + self.changelog.retention_margin_secs)
+            .saturating_mul(1000)
+    }
+
     /// The `[kafka]` passthrough as librdkafka strings, with `${env:NAME}`
     /// and `${file:/path}` values read in.
     pub fn kafka_properties(&self) -> anyhow::Result<Vec<(String, String)>> {
@@ -573,6 +624,7 @@ impl Config {
             }
             validate_topic_name("dead_letter_topic", &dlq)?;
         }
+        self.validate_changelog()?;
         if self.store_dir.as_os_str().is_empty() {
             bail!("`store_dir` must be a directory path");
         }
@@ -705,6 +757,23 @@ impl Config {
                 "`fail_open_max_keys` must be between 1 and 10000000, got {}",
                 self.fail_open_max_keys
             );
+        }
+        Ok(())
+    }
+
+    fn validate_changelog(&self) -> anyhow::Result<()> {
+        if !self.changelog.topic.contains("{topic}") {
+            bail!(
+                "`changelog.topic` must contain `{{topic}}` (each source topic has its own changelog), got {:?}",
+                self.changelog.topic
+            );
+        }
+        for t in &self.topics {
+            let c = self.changelog_topic_for(t);
+            if self.topics.contains(&c) || c == self.dead_letter_topic_for(t) {
+                bail!("`changelog.topic` names {c:?}, which is a source or dead-letter topic");
+            }
+            validate_topic_name("changelog.topic", &c)?;
         }
         Ok(())
     }

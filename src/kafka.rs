@@ -126,13 +126,28 @@ pub fn ensure_topic<C: ConsumerContext>(
     topic: &str,
     partitions: usize,
 ) -> anyhow::Result<()> {
-    if partition_count(consumer, topic).is_ok_and(|n| n > 0) {
-        return Ok(());
+    ensure_topic_with(consumer, config, topic, partitions, &[]).map(|_| ())
+}
+
+/// Creates `topic` with `partitions` partitions and the topic `settings`
+/// unless it exists; its partition count either way.
+pub fn ensure_topic_with<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    config: &Config,
+    topic: &str,
+    partitions: usize,
+    settings: &[(&str, String)],
+) -> anyhow::Result<usize> {
+    if let Some(n) = partition_count(consumer, topic).ok().filter(|n| *n > 0) {
+        return Ok(n);
     }
     let admin: AdminClient<DefaultClientContext> = base_config(config)?
         .create()
         .context("creating the Kafka admin client")?;
-    let new = NewTopic::new(topic, partitions.max(1) as i32, TopicReplication::Fixed(1));
+    let mut new = NewTopic::new(topic, partitions.max(1) as i32, TopicReplication::Fixed(1));
+    for (k, v) in settings {
+        new = new.set(k, v);
+    }
     let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
     let results = futures::executor::block_on(admin.create_topics([&new], &opts))
         .with_context(|| format!("creating topic {topic}"))?;
@@ -142,7 +157,7 @@ pub fn ensure_topic<C: ConsumerContext>(
             Err((name, code)) => bail!("creating topic {name}: {code}"),
         }
     }
-    Ok(())
+    Ok(partitions.max(1))
 }
 
 /// The low and high watermarks librdkafka last saw in fetch responses for a

@@ -9,6 +9,7 @@
 //! run a [`pipeline::Worker`].
 #![warn(missing_docs)]
 
+pub mod changelog;
 pub mod clock;
 pub mod config;
 pub mod demo;

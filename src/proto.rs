@@ -14,5 +14,6 @@ pub mod store {
 
 pub use payment::{PaymentEvent, PaymentKind};
 pub use store::{
-    Checkpoint, CheckpointMark, DedupRecord, Outcome as RecordOutcome, StoredResponse,
+    ChangelogRecord, Checkpoint, CheckpointMark, DedupRecord, Outcome as RecordOutcome,
+    StoredResponse,
 };

@@ -17,6 +17,7 @@
 //!   offset, and the caller is told when to try again. The other partitions
 //!   of the batch are unaffected.
 
+use crate::changelog::ChangelogWriter;
 use crate::config::{BucketClock, Config, OnStoreFailure, OnStoreFull};
 use crate::dlq::{DeadLetter, DeadLetterKind, DeadLetters};
 use crate::handler::{Answer, AnyHandler, Delivery, RemoteHandler, Verdict};
@@ -83,6 +84,9 @@ pub struct BatchProcessor {
     /// the next batch is processed); batches of fail-open topics are
     /// always synced in their write.
     pub overlap_sync: bool,
+    /// Produces the batch's records to the changelog before the write;
+    /// `None` when the changelog is off (and always for a replay).
+    pub changelog: Option<ChangelogWriter>,
     /// What fail-open topics remember while the store cannot be written.
     guard: Guard,
     /// Failed attempts of messages not finished yet.
@@ -244,6 +248,11 @@ impl BatchProcessor {
                 .cloned()
                 .collect(),
             overlap_sync: false,
+            changelog: if checkpoint_prefix.is_empty() {
+                ChangelogWriter::new(config)?
+            } else {
+                None
+            },
             guard: Guard::new(config.fail_open_max_keys),
             attempts: HashMap::new(),
             leases: HashMap::new(),
@@ -733,6 +742,19 @@ impl BatchProcessor {
                 .send_replies(&replies)
                 .context("writing replies (nothing of this batch was committed)")?;
             counts.replies = replies.len() as u64;
+        }
+        if let Some(changelog) = &self.changelog {
+            if !batch.records.is_empty() {
+                let spans = changelog
+                    .send(&batch)
+                    .context("writing the changelog (nothing of this batch was committed)")?;
+                for ((topic, partition), (span, n)) in spans {
+                    m::changelog_records(&topic, n);
+                    if let Some(cp) = batch.checkpoints.get_mut(&(topic, partition)) {
+                        cp.changelog = span;
+                    }
+                }
+            }
         }
         let began = Instant::now();
         let mut unverified = false;

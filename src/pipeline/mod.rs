@@ -210,13 +210,23 @@ impl Worker {
         let assignment = Arc::new(Mutex::new(Assignment::default()));
         let log: Arc<dyn Log + Send + Sync> =
             Arc::new(truncation::BrokerLog::new(kafka::base_config(&config)?)?);
+        let mut context = IdemContext::new(store.clone(), assignment.clone(), config.resume_from)
+            .with_health(health.clone())
+            .with_log_check(log.clone())
+            .with_stats(stats.clone());
+        if config.changelog.enabled {
+            let topics = config
+                .topics
+                .iter()
+                .map(|t| (t.clone(), config.changelog_topic_for(t)))
+                .collect();
+            context = context.with_changelog(
+                crate::changelog::restore::Restorer::new(kafka::base_config(&config)?)?,
+                topics,
+            );
+        }
         let consumer: BaseConsumer<IdemContext> = kafka::consumer_config(&config)?
-            .create_with_context(
-                IdemContext::new(store.clone(), assignment.clone(), config.resume_from)
-                    .with_health(health.clone())
-                    .with_log_check(log.clone())
-                    .with_stats(stats.clone()),
-            )
+            .create_with_context(context)
             .context("creating the Kafka consumer")?;
         if config.create_topics {
             for topic in &config.topics {
@@ -230,6 +240,11 @@ impl Worker {
                 if !config.http.reply_topic.is_empty() {
                     kafka::ensure_topic(&consumer, &config, &config.http.reply_topic, partitions)?;
                 }
+            }
+        }
+        if config.changelog.enabled {
+            for topic in &config.topics {
+                ensure_changelog(&consumer, &config, topic)?;
             }
         }
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -291,6 +306,19 @@ impl Worker {
                 looper.verify_after_outage(&store);
             }
             let mut batch = looper.fill_batch(config.batch_size, linger);
+            let restore_failed = assignment
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore_failed
+                .take();
+            if let Some(why) = restore_failed {
+                // Nothing of this batch is handled or committed: the next
+                // owner (or this worker, restarted) reads it again.
+                drop(batch);
+                looper.commit_final()?;
+                consumer.unsubscribe();
+                anyhow::bail!("{why}");
+            }
             if looper.verify_pending && !batch.is_empty() {
                 // Not handled before the checkpoints were compared with the
                 // log: they wait in memory, in order (see
@@ -349,6 +377,41 @@ impl Worker {
         tracing::info!(?summary, "worker stopped");
         Ok(summary)
     }
+}
+
+/// Checks, or creates when `create_topics` allows, the changelog of
+/// `topic`: compacted, with as many partitions as the source (each source
+/// partition's records go to the changelog partition of its number), and a
+/// retention past the window.
+fn ensure_changelog<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    config: &Config,
+    topic: &str,
+) -> anyhow::Result<()> {
+    let changelog = config.changelog_topic_for(topic);
+    let partitions = kafka::partition_count(consumer, topic)?;
+    let have = if config.create_topics {
+        kafka::ensure_topic_with(
+            consumer,
+            config,
+            &changelog,
+            partitions,
+            &[
+                ("cleanup.policy", "compact,delete".to_string()),
+                ("retention.ms", config.changelog_retention_ms().to_string()),
+            ],
+        )?
+    } else {
+        kafka::partition_count(consumer, &changelog).with_context(|| {
+            format!("the changelog topic {changelog} of {topic} must exist when `create_topics = false`")
+        })?
+    };
+    if have < partitions {
+        anyhow::bail!(
+            "changelog topic {changelog} has {have} partitions but {topic} has {partitions}: each source partition needs the changelog partition of its number (add partitions to the changelog, or choose another `changelog.topic`)"
+        );
+    }
+    Ok(())
 }
 
 /// Messages of a partition held back until their retry is due.

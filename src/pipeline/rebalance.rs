@@ -11,6 +11,10 @@
 //!   partition starts at the newest earlier checkpoint that still matches
 //!   (and that offset is committed), or, when none does, it is held for the
 //!   operator, paused.
+//! - With the changelog on, each partition is restored from its changelog
+//!   ([`crate::changelog::restore`]) before it is assigned, so nothing of it
+//!   is fetched before its keys are in the store; one that cannot be
+//!   restored is not taken, and the worker stops to join again.
 //! - With `resume_from = "group"` the committed offset alone decides, so an
 //!   operator's deliberate rewind replays messages (as duplicates).
 //! - On revocation the pipeline is between batches (the rebalance callback runs
@@ -26,6 +30,7 @@
 
 use super::stats::Stats;
 use super::truncation::{self, Log, Verdict};
+use crate::changelog::restore::Restorer;
 use crate::config::ResumeFrom;
 use crate::store::DedupStore;
 use crate::telemetry::metrics;
@@ -69,6 +74,10 @@ pub struct Assignment {
     pub outages: u64,
     /// Rebalances seen.
     pub generation: u64,
+    /// A partition's changelog could not be restored: it was not taken
+    /// (never fetched), and the loop stops the worker with this error so
+    /// that a new one joins and restores again.
+    pub restore_failed: Option<String>,
 }
 
 /// The consumer context: chooses start offsets and tracks the assignment.
@@ -79,6 +88,9 @@ pub struct IdemContext {
     health: Option<Arc<crate::telemetry::server::Health>>,
     log: Option<Arc<dyn Log + Send + Sync>>,
     stats: Option<Arc<Stats>>,
+    /// Restores each assigned partition from its changelog (source topic →
+    /// changelog topic).
+    changelog: Option<(Restorer, HashMap<String, String>)>,
 }
 
 impl IdemContext {
@@ -95,6 +107,61 @@ impl IdemContext {
             health: None,
             log: None,
             stats: None,
+            changelog: None,
+        }
+    }
+
+    /// Restores every assigned partition from its changelog (`topics`: source
+    /// topic → changelog topic) before it is handled.
+    pub fn with_changelog(mut self, restorer: Restorer, topics: HashMap<String, String>) -> Self {
+        self.changelog = Some((restorer, topics));
+        self
+    }
+
+    /// Restores the partitions about to be assigned; those that cannot be
+    /// restored are taken out of `tpl` (so never fetched) and reported.
+    fn restore(&self, tpl: &mut TopicPartitionList, starts: &[(TopicPartition, Option<i64>)]) {
+        let Some((restorer, topics)) = &self.changelog else {
+            return;
+        };
+        let mut failed = Vec::new();
+        for ((topic, partition), start) in starts {
+            let Some(changelog) = topics.get(topic) else {
+                continue;
+            };
+            match restorer.restore(&self.store, changelog, topic, *partition, *start) {
+                Ok(done) => {
+                    if let Some(st) = &self.stats {
+                        st.restored(done.records);
+                    }
+                }
+                Err(e) => {
+                    let text =
+                        format!("restoring {topic}/{partition} from changelog {changelog}: {e:#}");
+                    tracing::error!(error = %text, "a partition's changelog could not be restored: it is not taken, and the worker stops so that a new one joins and restores again");
+                    failed.push(((topic.clone(), *partition), text));
+                }
+            }
+        }
+        if failed.is_empty() {
+            return;
+        }
+        let mut kept = TopicPartitionList::new();
+        for e in tpl.elements() {
+            if failed
+                .iter()
+                .any(|((t, p), _)| t == e.topic() && *p == e.partition())
+            {
+                continue;
+            }
+            let _ = kept.add_partition_offset(e.topic(), e.partition(), e.offset());
+        }
+        *tpl = kept;
+        let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+        for (tp, text) in failed {
+            state.owned.remove(&tp);
+            state.commit_now.remove(&tp);
+            state.restore_failed.get_or_insert(text);
         }
     }
 
@@ -239,13 +306,14 @@ impl IdemContext {
             starts.push((tp, start));
         }
         drop(state);
-        for ((topic, partition), start) in starts {
+        for ((topic, partition), start) in &starts {
             if let Some(o) = start {
-                if let Err(e) = tpl.set_partition_offset(&topic, partition, Offset::Offset(o)) {
+                if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(*o)) {
                     tracing::error!(%topic, partition, error = %e, "cannot set the start offset");
                 }
             }
         }
+        self.restore(tpl, &starts);
     }
 
     fn note_revoked(&self, tpl: &TopicPartitionList) {

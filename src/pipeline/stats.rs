@@ -36,6 +36,7 @@ pub struct Stats {
     guard_flushed: AtomicU64,
     log_rewrites: AtomicU64,
     log_rewrites_held: AtomicU64,
+    restored: AtomicU64,
     processing_ms: AtomicU64,
     /// Microseconds from a batch's first message entering it to the batch
     /// being durable, once per message; created on first use.
@@ -109,6 +110,9 @@ pub struct RunSummary {
     /// Partitions found rewritten below every checkpoint kept, held for the
     /// operator.
     pub log_rewrites_held: u64,
+    /// Dedup records restored from changelogs into the store when
+    /// partitions were assigned.
+    pub restored: u64,
     /// Median time a message spent in the worker, microseconds: from its
     /// batch's first message being polled (or taken back after a retry
     /// wait) to the batch's outcomes being durable. An upper bound per
@@ -244,6 +248,11 @@ impl Stats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds `n` dedup records restored from changelogs.
+    pub fn restored(&self, n: u64) {
+        self.restored.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Counts a failed offset commit.
     pub fn commit_failed(&self) {
         self.commit_failures.fetch_add(1, Ordering::Relaxed);
@@ -278,6 +287,7 @@ impl Stats {
             guard_flushed: g(&self.guard_flushed),
             log_rewrites: g(&self.log_rewrites),
             log_rewrites_held: g(&self.log_rewrites_held),
+            restored: g(&self.restored),
             processing_ms: g(&self.processing_ms),
             latency_p50_us: self.latency_quantile(0.5),
             latency_p99_us: self.latency_quantile(0.99),

@@ -316,6 +316,7 @@ mod tests {
             written_at_ms: next,
             last_message: mark(next).last_message,
             history: marks.iter().map(|m| mark(*m)).collect(),
+            changelog_next: 0,
         }
     }
 

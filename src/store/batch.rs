@@ -22,6 +22,9 @@ pub struct CheckpointAt {
     pub next_offset: i64,
     /// Identity of the message at `next_offset - 1`, when known.
     pub last_message: Option<[u8; 16]>,
+    /// The changelog records this batch wrote for the partition, as (first
+    /// offset, count), when they are contiguous in the changelog.
+    pub changelog: Option<(i64, i64)>,
 }
 
 /// Everything one batch will write.
@@ -64,6 +67,7 @@ impl StoreBatch {
             CheckpointAt {
                 next_offset,
                 last_message,
+                changelog: None,
             },
         );
     }

@@ -580,8 +580,9 @@ impl DedupStore {
         let db = self.db()?;
         let cf = family(&db, OFFSETS_CF)?;
         let key = checkpoint_key(topic, partition);
-        let history = self
-            .checkpoint_detail(topic, partition)?
+        let prev = self.checkpoint_detail(topic, partition)?;
+        let changelog_next = prev.as_ref().map_or(0, |c| c.changelog_next);
+        let history = prev
             .map(|c| c.history)
             .unwrap_or_default()
             .into_iter()
@@ -592,6 +593,7 @@ impl DedupStore {
             written_at_ms: self.processing_time(),
             last_message: to.last_message.clone(),
             history,
+            changelog_next,
         };
         let mut wb = WriteBatch::default();
         wb.put_cf(&cf, key, c.encode_to_vec());
@@ -599,6 +601,47 @@ impl DedupStore {
         wo.set_sync(self.opts.sync);
         db.write_opt(wb, &wo)
             .map_err(rocks("rewind a partition checkpoint"))
+    }
+
+    /// Records, in a synced write (which makes the restored records written
+    /// before it durable too), that this store holds a partition's
+    /// changelog up to `changelog_next` and so knows its keys up to
+    /// `known_through`, where the partition starts: the checkpoint moves up
+    /// to it (never down). Without a checkpoint and a start, nothing is
+    /// recorded, and a later restore reads the changelog again.
+    pub fn mark_restored(
+        &self,
+        topic: &str,
+        partition: i32,
+        changelog_next: i64,
+        known_through: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let cf = family(&db, OFFSETS_CF)?;
+        let prev = self.checkpoint_detail(topic, partition)?;
+        let c = match (prev, known_through) {
+            (Some(mut c), k) => {
+                if let Some(k) = k.filter(|k| *k > c.next_offset) {
+                    c.next_offset = k;
+                    c.last_message.clear();
+                }
+                c.changelog_next = changelog_next;
+                c
+            }
+            (None, Some(k)) => Checkpoint {
+                next_offset: k,
+                written_at_ms: self.processing_time(),
+                changelog_next,
+                ..Checkpoint::default()
+            },
+            (None, None) => return self.sync_wal(),
+        };
+        let mut wb = WriteBatch::default();
+        wb.put_cf(&cf, checkpoint_key(topic, partition), c.encode_to_vec());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(wb, &wo)
+            .map_err(rocks("record a partition's changelog position"))
     }
 
     /// Every checkpoint in the store: (topic, partition, next offset).
@@ -895,6 +938,13 @@ pub const MARK_HISTORY: usize = 32;
 fn advance_checkpoint(prev: Option<Checkpoint>, at: &CheckpointAt, now: i64) -> Checkpoint {
     let mut history = Vec::new();
     let mut last_message = at.last_message.map(|m| m.to_vec()).unwrap_or_default();
+    // When this batch's changelog records follow, in the changelog, the
+    // last ones this store holds, the store holds the changelog up to them.
+    let held = prev.as_ref().map_or(0, |p| p.changelog_next);
+    let changelog_next = match at.changelog {
+        Some((first, count)) if first == held => first + count,
+        _ => held,
+    };
     if let Some(p) = prev {
         history = p.history;
         if p.next_offset == at.next_offset && last_message.is_empty() {
@@ -921,6 +971,7 @@ fn advance_checkpoint(prev: Option<Checkpoint>, at: &CheckpointAt, now: i64) -> 
         written_at_ms: now,
         last_message,
         history,
+        changelog_next,
     }
 }
 

@@ -51,6 +51,12 @@ pub const UNVERIFIED: &str = "idem_unverified_total";
 pub const GUARD_KEYS: &str = "idem_fail_open_guard_keys";
 /// Counter: duplicates whose first copy came from another partition.
 pub const CROSS_PARTITION: &str = "idem_cross_partition_duplicates_total";
+/// Counter: dedup records restored from changelogs, by topic.
+pub const CHANGELOG_RESTORED: &str = "idem_changelog_restored_records_total";
+/// Histogram: how long a partition's changelog restore took, seconds.
+pub const CHANGELOG_RESTORE_SECONDS: &str = "idem_changelog_restore_seconds";
+/// Counter: dedup records produced to changelogs, by topic.
+pub const CHANGELOG_RECORDS: &str = "idem_changelog_records_total";
 /// Counter: keys the full fail-open guard forgot.
 pub const GUARD_EVICTIONS: &str = "idem_fail_open_guard_evictions_total";
 
@@ -135,6 +141,19 @@ fn describe() {
         "Keys the full fail-open guard forgot: a redelivery of one reaches the handler again."
     );
     describe_counter!(
+        CHANGELOG_RESTORED,
+        "Dedup records restored from the changelog into the store when a partition was assigned, by topic."
+    );
+    describe_histogram!(
+        CHANGELOG_RESTORE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to restore one assigned partition from its changelog, before it is handled."
+    );
+    describe_counter!(
+        CHANGELOG_RECORDS,
+        "Dedup records produced (and acknowledged) to the changelog, by topic."
+    );
+    describe_counter!(
         LOG_REWRITES,
         "Partitions whose log the brokers rewrote below the checkpoint (acknowledged messages lost, offsets reused): resumed at an earlier verified checkpoint, or held for the operator."
     );
@@ -144,6 +163,17 @@ fn describe() {
 pub fn log_rewritten(topic: &str, partition: i32, action: &'static str) {
     counter!(LOG_REWRITES, "topic" => topic.to_string(), "partition" => partition.to_string(), "action" => action)
         .increment(1);
+}
+
+/// Counts a partition's changelog restore.
+pub fn changelog_restored(topic: &str, records: u64, took: Duration) {
+    counter!(CHANGELOG_RESTORED, "topic" => topic.to_string()).increment(records);
+    histogram!(CHANGELOG_RESTORE_SECONDS).record(took.as_secs_f64());
+}
+
+/// Adds `n` records of `topic` acknowledged by its changelog.
+pub fn changelog_records(topic: &str, n: u64) {
+    counter!(CHANGELOG_RECORDS, "topic" => topic.to_string()).increment(n);
 }
 
 /// Adds `n` duplicates whose first copy came from another partition.
