@@ -160,6 +160,40 @@ pub fn ensure_topic_with<C: ConsumerContext>(
     Ok(partitions.max(1))
 }
 
+/// Commits `offsets` asynchronously so that the brokers' answer reaches the
+/// consumer context's `commit_callback` on a later poll, success or failure.
+/// rust-rdkafka 0.39's `commit(.., CommitMode::Async)` passes librdkafka no
+/// reply queue, so no result event is made and the callback is never called
+/// (fede1024/rust-rdkafka#856): a failed commit would go unnoticed, and a
+/// stopping worker could not tell when its last commit was answered.
+pub fn commit_async<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    offsets: &rdkafka::TopicPartitionList,
+) -> rdkafka::error::KafkaResult<()> {
+    use rdkafka::bindings as rd;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: the client pointer is valid while `consumer` is borrowed; the
+    // consumer queue reference taken here is released after the call, which
+    // copies the offsets list (librdkafka keeps its own reference to the
+    // queue until the result is posted on it).
+    let err = unsafe {
+        let queue = rd::rd_kafka_queue_get_consumer(rk);
+        if queue.is_null() {
+            return Err(rdkafka::error::KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::InvalidArgument,
+            ));
+        }
+        let err = rd::rd_kafka_commit_queue(rk, offsets.ptr(), queue, None, std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(queue);
+        err
+    };
+    if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        Err(rdkafka::error::KafkaError::ConsumerCommit(err.into()))
+    }
+}
+
 /// The low and high watermarks librdkafka last saw in fetch responses for a
 /// partition, without asking the broker (so a broker that is down cannot
 /// stall the caller); `None` before the first fetch.

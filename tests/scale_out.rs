@@ -3,10 +3,16 @@
 //! broker with real stores on disk.
 mod common;
 
+use common::app::{Answer, App};
 use common::*;
 use idem::config::Config;
-use idem::workload::{Workload, WorkloadSpec};
+use idem::workload::{produce_messages, Role, Workload, WorkloadMessage, WorkloadSpec};
+use rdkafka::Message as _;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A test worker configuration with the changelog on.
 fn with_changelog(topic: &str, group: &str, store: &Path) -> Config {
@@ -116,4 +122,261 @@ fn a_partition_handed_a_to_b_to_a_resumes_at_the_committed_offset_with_every_key
         after_a2.iter().sum::<i64>()
     );
     assert_eq!(log_end(&changelog, 4).iter().sum::<i64>(), 1_700);
+}
+
+/// One `idem run` worker of the group: the sidecar in front of `url`, with
+/// the changelog on, cooperative-sticky assignment, its log appended to
+/// `<name>.log` beside its store.
+fn spawn_worker(
+    topic: &str,
+    group: &str,
+    dir: &Path,
+    name: &str,
+    member: &str,
+    url: &str,
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .unwrap();
+    idem_run(&brokers(), topic, group, &dir.join(name), Stdio::from(log))
+        .env("IDEM_HANDLER", "http")
+        .env("IDEM_HTTP__URL", url)
+        .env("IDEM_CHANGELOG__ENABLED", "true")
+        .env(
+            "IDEM_KAFKA__PARTITION_ASSIGNMENT_STRATEGY",
+            std::env::var("IDEM_TEST_ASSIGNOR").unwrap_or("range,roundrobin".into()),
+        )
+        .env("IDEM_BATCH_SIZE", "100")
+        .env("IDEM_KAFKA__GROUP_INSTANCE_ID", format!("{group}-{member}"))
+        .env(
+            "RUST_LOG",
+            std::env::var("IDEM_TEST_WORKER_LOG").unwrap_or("info,rdkafka=warn".into()),
+        )
+        .spawn()
+        .unwrap()
+}
+
+/// The event id of a payload (JSON or protobuf), as the application reads it.
+fn event_id(payload: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) {
+        if let Some(id) = v.get("event_id").and_then(|v| v.as_str()) {
+            return id.to_string();
+        }
+    }
+    <idem::proto::PaymentEvent as prost::Message>::decode(payload)
+        .map(|e| e.event_id)
+        .unwrap_or_default()
+}
+
+fn wait_caught_up(group: &str, topic: &str, partitions: i32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let ends = log_end(topic, partitions);
+        if committed(group, topic, partitions) == ends {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: committed {:?} never reached the log end {ends:?}",
+            committed(group, topic, partitions)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Stops a worker with SIGTERM and returns its summary; when it does not
+/// exit cleanly, the test fails with the end of its log.
+fn stop(child: Child, dir: &Path, name: &str) -> serde_json::Value {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+        let _ = std::fs::write(
+            std::env::temp_dir().join(format!("{name}-failed.log")),
+            &log,
+        );
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!("{name} exited with {}:\n{}", out.status, tail.join("\n"));
+    }
+    parse_summary(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// A directory kept after the test when `IDEM_TEST_KEEP` is set (to read
+/// the workers' logs).
+struct Kept(Option<tempfile::TempDir>);
+
+impl Kept {
+    fn path(&self) -> &Path {
+        self.0.as_ref().map(|d| d.path()).unwrap_or(Path::new("/"))
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        if std::env::var("IDEM_TEST_KEEP").is_ok() {
+            if let Some(d) = self.0.take() {
+                let _ = d.keep();
+            }
+        }
+    }
+}
+
+fn calls_per_event(app: &App) -> BTreeMap<String, Vec<String>> {
+    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in app.calls() {
+        by.entry(c.event_id).or_default().push(c.key);
+    }
+    by
+}
+
+#[test]
+fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key() {
+    let topic = unique("scale");
+    let group = unique("g");
+    create_topic(&topic, 8);
+    let app = App::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(|_: &str, _| Answer::Status(200, "ok".into(), None)),
+    );
+    let w = Workload::generate(&WorkloadSpec {
+        unique: 20_000,
+        resends: 4_000,
+        conflicts: 0,
+        partitions: 8,
+        ..WorkloadSpec::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    if std::env::var("IDEM_TEST_KEEP").is_ok() {
+        eprintln!("workers' logs: {}", dir.path().display());
+    }
+    let dir = Kept(Some(dir));
+    let names = ["w0", "w1", "w2"];
+    let mut workers: Vec<Child> = names
+        .iter()
+        .map(|n| spawn_worker(&topic, &group, dir.path(), n, n, &app.url()))
+        .collect();
+    // Re-sends spread in time: the workload in 12 chunks, a worker leaving
+    // (SIGTERM) and coming back with its store between chunks, 10 times.
+    let chunks: Vec<_> = w.messages.chunks(w.messages.len().div_ceil(12)).collect();
+    produce_messages(&brokers(), &topic, chunks[0]).unwrap();
+    for (i, chunk) in chunks[1..].iter().enumerate() {
+        if i < 10 {
+            let k = i % 3;
+            let summary = stop(workers.remove(k), dir.path(), names[k]);
+            eprintln!("{} left: {summary}", names[k]);
+            produce_messages(&brokers(), &topic, chunk).unwrap();
+            std::thread::sleep(Duration::from_millis(1_500));
+            workers.insert(
+                k,
+                spawn_worker(&topic, &group, dir.path(), names[k], names[k], &app.url()),
+            );
+            std::thread::sleep(Duration::from_millis(1_500));
+        } else {
+            produce_messages(&brokers(), &topic, chunk).unwrap();
+        }
+    }
+    wait_caught_up(&group, &topic, 8, "after 10 joins and leaves");
+    let by = calls_per_event(&app);
+    let twice: Vec<_> = by.iter().filter(|(_, c)| c.len() > 1).collect();
+    assert!(twice.is_empty(), "called more than once: {twice:?}");
+    assert_eq!(by.len(), 20_000);
+
+    // A worker is killed mid-flow and a fresh one, with an empty store,
+    // joins: 5,000 new events and 2,000 re-sends of old ones keep coming.
+    let late = Workload::generate(&WorkloadSpec {
+        unique: 5_000,
+        resends: 0,
+        conflicts: 0,
+        partitions: 8,
+        seed: 11,
+        id_prefix: "late",
+        ..WorkloadSpec::default()
+    });
+    let mut stream: Vec<WorkloadMessage> = late.messages.clone();
+    let old: Vec<&WorkloadMessage> = w
+        .messages
+        .iter()
+        .filter(|m| m.role == Role::Original)
+        .step_by(10)
+        .collect();
+    for (i, m) in old.iter().enumerate() {
+        stream.insert((i * 2 + 1).min(stream.len()), (*m).clone());
+    }
+    let before_kill = app.calls().len();
+    let producer = {
+        let (brokers, topic, stream) = (brokers(), topic.clone(), stream.clone());
+        std::thread::spawn(move || {
+            for chunk in stream.chunks(700) {
+                produce_messages(&brokers, &topic, chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app.calls().len() < before_kill + 1_000 {
+        assert!(Instant::now() < deadline, "no calls after the first 20,000");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut victim = workers.remove(0);
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let killed_at = app.calls().len();
+    let committed_at_kill = committed(&group, &topic, 8);
+    // It takes the killed worker's place in the group (static membership,
+    // as a deploy's replacement pod does).
+    workers.push(spawn_worker(
+        &topic,
+        &group,
+        dir.path(),
+        "fresh",
+        "w0",
+        &app.url(),
+    ));
+    producer.join().unwrap();
+    wait_caught_up(&group, &topic, 8, "after the kill");
+    for (child, name) in workers.into_iter().zip(["w1", "w2", "fresh"]) {
+        stop(child, dir.path(), name);
+    }
+
+    // Every event reached the application; a second call happened only for
+    // a message the killed worker had called but not committed, with the
+    // same key.
+    let first_offset: HashMap<String, (i32, i64)> = {
+        let mut m = HashMap::new();
+        for msg in read_all(&topic, 8) {
+            m.entry(event_id(msg.payload().unwrap()))
+                .or_insert((msg.partition(), msg.offset()));
+        }
+        m
+    };
+    let calls = app.calls();
+    let by = calls_per_event(&app);
+    assert_eq!(by.len(), 25_000, "every event reached the application");
+    let mut twice = 0;
+    for (id, keys) in &by {
+        if keys.len() == 1 {
+            continue;
+        }
+        assert_eq!(keys.len(), 2, "{id} called {} times", keys.len());
+        assert_eq!(keys[0], keys[1], "{id} was called with two keys");
+        let (p, o) = first_offset[id];
+        assert!(
+            o >= committed_at_kill[p as usize],
+            "{id} at {p}/{o} was called twice though committed ({:?})",
+            committed_at_kill
+        );
+        let first = calls.iter().position(|c| &c.event_id == id).unwrap();
+        assert!(first < killed_at, "{id}'s first call came after the kill");
+        twice += 1;
+    }
+    eprintln!(
+        "calls: {} for 25,000 events; called twice: {twice} (in flight at the kill, same key)",
+        calls.len()
+    );
+    assert_eq!(calls.len(), 25_000 + twice);
 }

@@ -5,10 +5,14 @@
 //! - A restore reads the changelog partition from the store's own position
 //!   (the `changelog_next` of the partition's checkpoint) to the log end it
 //!   saw when it began, and writes every record into its bucket, except
-//!   records of buckets already past the window and records whose source
-//!   offset is at or past the offset the partition starts at. Those belong
-//!   to a batch that may have been acknowledged by the changelog but never
-//!   written to its store; their messages are read again and decided again.
+//!   records of buckets already past the window.
+//! - A record is in the changelog only once its handler call returned. For
+//!   a remote handler (the application) that is all a record means, so
+//!   every record is restored. An in-process handler's effects are in the
+//!   store's own batch, written after the changelog's acknowledgement, so
+//!   for it ([`Restorer::unfinished_from_start`]) records whose source
+//!   offset is at or past the partition's start are left out: their batch
+//!   may never have been written, and their messages are decided again.
 //! - The store's position and the partition's checkpoint move forward only
 //!   after every record up to that position is written and the WAL synced,
 //!   so a crash during a restore leaves a restore that starts over, never a
@@ -46,13 +50,15 @@ pub struct Restored {
     /// Records left out because their bucket is past the window.
     pub expired: u64,
     /// Records left out because their source offset is at or past the
-    /// partition's start (their batch may not have been written).
+    /// partition's start (in-process handlers: their batch may not have
+    /// been written).
     pub unfinished: u64,
 }
 
 /// Reads changelog partitions with a consumer of its own, outside the group.
 pub struct Restorer {
     consumer: BaseConsumer,
+    unfinished_from_start: bool,
 }
 
 impl Restorer {
@@ -66,7 +72,17 @@ impl Restorer {
         let consumer = base
             .create()
             .context("creating the consumer that restores changelogs")?;
-        Ok(Self { consumer })
+        Ok(Self {
+            consumer,
+            unfinished_from_start: false,
+        })
+    }
+
+    /// Leaves out records at or past the partition's start: for in-process
+    /// handlers, whose effects are written with the store's batch.
+    pub fn unfinished_from_start(mut self) -> Self {
+        self.unfinished_from_start = true;
+        self
     }
 
     /// Restores source partition `topic`/`partition` from `changelog` into
@@ -189,7 +205,8 @@ impl Restorer {
             };
             if bucket.expires_at_ms(window) <= now {
                 done.expired += 1;
-            } else if start.is_some_and(|s| record.source_offset >= s) {
+            } else if self.unfinished_from_start && start.is_some_and(|s| record.source_offset >= s)
+            {
                 done.unfinished += 1;
             } else {
                 batch.record(ScopedKeyHash(hash), bucket, record);

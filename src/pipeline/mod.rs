@@ -220,10 +220,12 @@ impl Worker {
                 .iter()
                 .map(|t| (t.clone(), config.changelog_topic_for(t)))
                 .collect();
-            context = context.with_changelog(
-                crate::changelog::restore::Restorer::new(kafka::base_config(&config)?)?,
-                topics,
-            );
+            let mut restorer =
+                crate::changelog::restore::Restorer::new(kafka::base_config(&config)?)?;
+            if matches!(handler, AnyHandler::Local(_)) {
+                restorer = restorer.unfinished_from_start();
+            }
+            context = context.with_changelog(restorer, topics);
         }
         let consumer: BaseConsumer<IdemContext> = kafka::consumer_config(&config)?
             .create_with_context(context)
@@ -282,6 +284,7 @@ impl Worker {
             syncer,
             written_seq: 0,
             unsynced: VecDeque::new(),
+            commits_sent: 0,
         };
         m::degraded(false, 0);
         // The store opened: whatever failed before this worker is over.
@@ -468,6 +471,9 @@ struct Loop<'a> {
     /// Written batches whose sync has not returned yet, oldest first: their
     /// offsets wait here, not committed.
     unsynced: VecDeque<Unsynced>,
+    /// Asynchronous commits made (compared with the answers counted by the
+    /// consumer context).
+    commits_sent: u64,
 }
 
 /// A batch written but not yet synced.
@@ -485,6 +491,9 @@ struct Failing {
     failures: u32,
     logged: Instant,
 }
+
+/// Longest a stopping worker waits for its final commit to be answered.
+const FINAL_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often a failing worker repeats its error log.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -1123,8 +1132,32 @@ impl Loop<'_> {
                 self.uncommitted.insert(tp, *next);
             }
         }
-        self.commit(CommitMode::Sync);
+        // Asynchronously, serving the consumer until the brokers answered:
+        // a synchronous commit made while the group rebalances waits for a
+        // rebalance callback that only a poll can run, and would hang.
+        let (sent, answered) = (self.commits_sent, self.commits_answered());
+        self.commit(CommitMode::Async);
+        if self.commits_sent == sent {
+            return Ok(());
+        }
+        let until = Instant::now() + FINAL_COMMIT_TIMEOUT;
+        while self.commits_answered() == answered && Instant::now() < until {
+            // A message fetched now is not handled: the worker is stopping,
+            // and it is read again by the partition's next owner.
+            let _ = self.consumer.poll(Duration::from_millis(100));
+        }
+        if self.commits_answered() == answered {
+            tracing::warn!(timeout_secs = FINAL_COMMIT_TIMEOUT.as_secs(), sent = self.commits_sent, answered = self.commits_answered(),
+                "the final offset commit was not answered in time; the next owner re-reads from the last commit (duplicates where the keys are known)");
+        }
         Ok(())
+    }
+
+    fn commits_answered(&self) -> u64 {
+        self.assignment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .commits_answered
     }
 
     /// Moves the offsets of batches whose sync returned to the commit list
@@ -1211,8 +1244,15 @@ impl Loop<'_> {
                 tracing::error!(%topic, partition, error = %e, "cannot build the commit list");
             }
         }
-        match self.consumer.commit(&tpl, mode) {
+        let sent = match mode {
+            CommitMode::Async => kafka::commit_async(self.consumer, &tpl),
+            CommitMode::Sync => self.consumer.commit(&tpl, mode),
+        };
+        match sent {
             Ok(()) => {
+                if matches!(mode, CommitMode::Async) {
+                    self.commits_sent += 1;
+                }
                 self.uncommitted.clear();
                 if matches!(mode, CommitMode::Sync) {
                     self.health.set_broker_trouble(None);

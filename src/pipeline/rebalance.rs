@@ -78,6 +78,8 @@ pub struct Assignment {
     /// (never fetched), and the loop stops the worker with this error so
     /// that a new one joins and restores again.
     pub restore_failed: Option<String>,
+    /// Asynchronous commits answered (either way) by the brokers.
+    pub commits_answered: u64,
 }
 
 /// The consumer context: chooses start offsets and tracks the assignment.
@@ -401,6 +403,10 @@ impl IdemContext {
 
 impl ConsumerContext for IdemContext {
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        self.assignment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .commits_answered += 1;
         match result {
             Ok(()) => {
                 if let Some(h) = &self.health {
