@@ -14,6 +14,6 @@ pub mod store {
 
 pub use payment::{PaymentEvent, PaymentKind};
 pub use store::{
-    ChangelogRecord, Checkpoint, CheckpointMark, DedupRecord, Outcome as RecordOutcome,
+    ChangelogRecord, Checkpoint, CheckpointMark, Claim, DedupRecord, Outcome as RecordOutcome,
     StoredResponse,
 };

@@ -294,6 +294,7 @@ fn the_http_handler_forwards_the_other_headers_and_not_a_non_utf8_name() {
         payload: EVENT,
         decoded: &decoded,
         headers: Some(&headers),
+        fencing_token: None,
     });
     assert!(
         matches!(answer.verdict, Verdict::Handled),

@@ -45,7 +45,8 @@ fn a_worker_whose_store_is_wiped_rebuilds_it_from_the_changelog_and_redeliveries
     assert_eq!(summary.restored, 0);
     drop(store);
     let changelog = format!("{group}.idem-changelog.{topic}");
-    assert_eq!(log_end(&changelog, 4).iter().sum::<i64>(), 2_000);
+    // 2,000 records and each partition's claim.
+    assert_eq!(log_end(&changelog, 4).iter().sum::<i64>(), 2_000 + 4);
     assert_eq!(committed(&group, &topic, 4).iter().sum::<i64>(), 2_000);
 
     // The disk is lost: a new, empty store. Every first event is delivered
@@ -66,7 +67,7 @@ fn a_worker_whose_store_is_wiped_rebuilds_it_from_the_changelog_and_redeliveries
         Some(&1)
     );
     assert_eq!(committed(&group, &topic, 4), log_end(&topic, 4));
-    assert_eq!(log_end(&changelog, 4).iter().sum::<i64>(), 2_300);
+    assert_eq!(log_end(&changelog, 4).iter().sum::<i64>(), 2_300 + 2 * 4);
 }
 
 #[test]
@@ -121,7 +122,8 @@ fn a_partition_handed_a_to_b_to_a_resumes_at_the_committed_offset_with_every_key
             .sum::<i64>(),
         after_a2.iter().sum::<i64>()
     );
-    assert_eq!(log_end(&changelog, 4).iter().sum::<i64>(), 1_700);
+    // The records, and 4 claims per assignment (A, B, A).
+    assert_eq!(log_end(&changelog, 4).iter().sum::<i64>(), 1_700 + 3 * 4);
 }
 
 /// One `idem run` worker of the group: the sidecar in front of `url`, with
@@ -379,4 +381,116 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
         calls.len()
     );
     assert_eq!(calls.len(), 25_000 + twice);
+}
+
+/// The fencing token and partition of a call.
+fn token_of(c: &common::app::Call) -> (i32, i64) {
+    let p = c.headers["idem-partition"].parse().unwrap();
+    let t = c
+        .headers
+        .get("idem-fencing-token")
+        .expect("a call without a fencing token")
+        .parse()
+        .unwrap();
+    (p, t)
+}
+
+#[test]
+fn a_worker_stopped_past_its_session_handles_nothing_after_it_wakes_and_its_token_is_older() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let topic = unique("zombie");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    // A slow application, so that the worker is mid-flow when it stops.
+    let app = App::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(|_: &str, _| {
+            std::thread::sleep(Duration::from_millis(2));
+            Answer::Status(200, "ok".into(), None)
+        }),
+    );
+    let w = Workload::generate(&WorkloadSpec {
+        unique: 6_000,
+        resends: 0,
+        conflicts: 0,
+        ..WorkloadSpec::default()
+    });
+    w.produce(&brokers(), &topic).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = Kept(Some(dir));
+    let mut a = spawn_worker(&topic, &group, dir.path(), "a", "a", &app.url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app.calls().len() < 500 {
+        assert!(Instant::now() < deadline, "the worker did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = Pid::from_raw(a.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let at_stop = app.calls().len();
+    let a_tokens: HashMap<i32, i64> = app.calls().iter().map(token_of).collect();
+    // Past its session timeout (6 s), another worker takes the partitions:
+    // a replacement in its place in the group (static membership), since
+    // noida-db 0.2.3 never expires a silent member by itself.
+    std::thread::sleep(Duration::from_secs(8));
+    let b = spawn_worker(&topic, &group, dir.path(), "b", "a", &app.url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app.calls().len() < at_stop + 500 {
+        assert!(
+            Instant::now() < deadline,
+            "the second worker never took over"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill(pid, Signal::SIGCONT).unwrap();
+    let at_cont = app.calls().len();
+    wait_caught_up(&group, &topic, 4, "after the stale worker woke");
+    std::thread::sleep(Duration::from_secs(3));
+    let calls = app.calls();
+    let stale: Vec<_> = calls[at_cont..]
+        .iter()
+        .filter(|c| {
+            let (p, t) = token_of(c);
+            a_tokens.get(&p) == Some(&t)
+        })
+        .map(|c| c.event_id.clone())
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "the stale worker called after it woke: {stale:?}"
+    );
+    for c in &calls[at_stop..] {
+        let (p, t) = token_of(c);
+        if let Some(old) = a_tokens.get(&p) {
+            assert!(
+                t > *old,
+                "partition {p}: token {t} is not above the stale worker's {old}"
+            );
+        }
+    }
+    let by = calls_per_event(&app);
+    assert_eq!(by.len(), 6_000, "every event reached the application");
+    assert_eq!(committed(&group, &topic, 4), log_end(&topic, 4));
+    let twice = by.values().filter(|k| k.len() > 1).count();
+    eprintln!(
+        "calls {} for 6,000 events; {twice} called twice (in flight at the SIGSTOP, same key)",
+        calls.len()
+    );
+    for keys in by.values() {
+        assert!(keys.len() <= 2 && keys.iter().all(|k| *k == keys[0]));
+    }
+    // The stale worker learnt it was fenced and stopped by itself.
+    let status = a.try_wait().unwrap();
+    if status.is_none() {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "the stale worker is still running"
+    );
+    let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+    assert!(log.contains("the worker stops"), "{log}");
+    stop(b, dir.path(), "b");
 }

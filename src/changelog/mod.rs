@@ -44,6 +44,7 @@ pub fn encode(key: &ScopedKeyHash, bucket: Bucket, record: &crate::proto::DedupR
         key_hash: key.0.to_vec(),
         bucket_start_secs: bucket.start_secs,
         record: Some(record.clone()),
+        claim: None,
     }
     .encode_to_vec()
 }
@@ -135,6 +136,53 @@ impl ChangelogWriter {
             .collect())
     }
 }
+
+impl ChangelogWriter {
+    /// Writes a claim of source partition `topic`/`partition` by `member`
+    /// and returns its changelog offset: the fencing token every handler
+    /// call of this assignment carries. A later owner's claim lands later in
+    /// the same changelog partition, so its token is higher, and an
+    /// application that keeps the highest token it has seen per partition
+    /// can refuse a stale worker.
+    pub fn claim(
+        &self,
+        topic: &str,
+        partition: i32,
+        member: &str,
+        now_ms: i64,
+    ) -> anyhow::Result<i64> {
+        let changelog = self
+            .topics
+            .get(topic)
+            .with_context(|| format!("{topic} has no changelog"))?;
+        let payload = ChangelogRecord {
+            claim: Some(crate::proto::Claim {
+                member: member.to_string(),
+                claimed_at_ms: now_ms,
+            }),
+            ..ChangelogRecord::default()
+        }
+        .encode_to_vec();
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(changelog)
+            .partition(partition)
+            .key(CLAIM_KEY)
+            .payload(&payload);
+        let fut = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("queueing the claim of {topic}/{partition}"))?;
+        let delivery = futures::executor::block_on(fut)
+            .map_err(|_| anyhow::anyhow!("the producer was dropped before acknowledging"))?
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("writing the claim of {topic}/{partition} to {changelog}"))?;
+        Ok(delivery.offset)
+    }
+}
+
+/// The record key of claims (compaction keeps the latest); dedup records
+/// have 16-byte keys, so the two never meet.
+pub const CLAIM_KEY: &[u8] = b"idem-claim";
 
 /// (first, count) when `offsets` are exactly a run of consecutive offsets.
 fn span(offsets: &[i64]) -> Option<(i64, i64)> {

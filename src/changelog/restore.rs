@@ -194,6 +194,13 @@ impl Restorer {
             let rec = ChangelogRecord::decode(value).with_context(|| {
                 format!("changelog {changelog}/{partition}@{offset} is not a changelog record")
             })?;
+            if rec.claim.is_some() {
+                // A worker's claim of the partition: no key to restore.
+                if offset + 1 >= high {
+                    break;
+                }
+                continue;
+            }
             let (Ok(hash), Some(record)) =
                 (<[u8; 16]>::try_from(rec.key_hash.as_slice()), rec.record)
             else {

@@ -4,7 +4,9 @@
 //! every retry and redelivery, so the application can finish the job end to
 //! end: DESIGN.md invariant 6); `Content-Type`; `Idem-Topic`,
 //! `Idem-Partition`, `Idem-Offset`, `Idem-Timestamp` (Unix ms, when the
-//! message has one) and `Idem-Key-Source`; and every Kafka header of the
+//! message has one) and `Idem-Key-Source`; `Idem-Fencing-Token` (with the
+//! changelog on: higher for every later owner of the partition, so the
+//! application can refuse a worker that lost it); and every Kafka header of the
 //! message as `<header_prefix><name>` (a value that is not a valid HTTP
 //! header value is sent base64-encoded as `<header_prefix>B64-<name>`).
 //!
@@ -118,6 +120,9 @@ impl HttpHandler {
         }
         if let Some(ts) = d.timestamp_ms {
             h.insert("idem-timestamp", HeaderValue::from(ts));
+        }
+        if let Some(token) = d.fencing_token {
+            h.insert("idem-fencing-token", HeaderValue::from(token));
         }
         for (key, value) in crate::kafka::raw_headers(d.headers) {
             let Some(value) = value else { continue };

@@ -36,6 +36,11 @@ pub struct Delivery<'a> {
     pub decoded: &'a Decoded,
     /// The message's Kafka headers.
     pub headers: Option<&'a OwnedHeaders>,
+    /// The partition's fencing token for this worker (with the changelog
+    /// on): higher for every later owner of the partition, so an
+    /// application that remembers the highest token seen per partition can
+    /// refuse a call from a worker that lost the partition (a zombie).
+    pub fencing_token: Option<i64>,
 }
 
 /// A handler's final word on a message.

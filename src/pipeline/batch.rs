@@ -86,7 +86,10 @@ pub struct BatchProcessor {
     pub overlap_sync: bool,
     /// Produces the batch's records to the changelog before the write;
     /// `None` when the changelog is off (and always for a replay).
-    pub changelog: Option<ChangelogWriter>,
+    pub changelog: Option<Arc<ChangelogWriter>>,
+    /// The fencing token of each owned partition (the offset of this
+    /// worker's claim in its changelog), passed to every handler call.
+    pub tokens: HashMap<TopicPartition, i64>,
     /// What fail-open topics remember while the store cannot be written.
     guard: Guard,
     /// Failed attempts of messages not finished yet.
@@ -179,8 +182,18 @@ fn tp_of(msg: &OwnedMessage) -> TopicPartition {
     (msg.topic().to_string(), msg.partition())
 }
 
-fn delivery<'a>(msg: &'a OwnedMessage, fresh: &'a Fresh) -> Delivery<'a> {
+fn delivery<'a>(
+    msg: &'a OwnedMessage,
+    fresh: &'a Fresh,
+    tokens: &HashMap<TopicPartition, i64>,
+) -> Delivery<'a> {
+    let token = if tokens.is_empty() {
+        None
+    } else {
+        tokens.get(&tp_of(msg)).copied()
+    };
     Delivery {
+        fencing_token: token,
         topic: msg.topic(),
         partition: msg.partition(),
         offset: msg.offset(),
@@ -249,10 +262,11 @@ impl BatchProcessor {
                 .collect(),
             overlap_sync: false,
             changelog: if checkpoint_prefix.is_empty() {
-                ChangelogWriter::new(config)?
+                ChangelogWriter::new(config)?.map(Arc::new)
             } else {
                 None
             },
+            tokens: HashMap::new(),
             guard: Guard::new(config.fail_open_max_keys),
             attempts: HashMap::new(),
             leases: HashMap::new(),
@@ -396,7 +410,7 @@ impl BatchProcessor {
                         }
                         Step::Final { dep: None, .. } => {}
                         Step::New(fresh) => {
-                            let d = delivery(msg, fresh);
+                            let d = delivery(msg, fresh, &self.tokens);
                             let began = Instant::now();
                             let mut txn = batch.handler_txn(&self.store);
                             let verdict =
@@ -446,6 +460,7 @@ impl BatchProcessor {
                 let results = Mutex::new(Vec::new());
                 let workers = self.max_in_flight.max(1);
                 let h: &dyn RemoteHandler = h.as_ref();
+                let tokens = &self.tokens;
                 let began = Instant::now();
                 std::thread::scope(|scope| {
                     for _ in 0..workers {
@@ -468,7 +483,8 @@ impl BatchProcessor {
                                     Step::Final { .. } => {}
                                     Step::New(_) if began.elapsed() > LANE_BUDGET => break,
                                     Step::New(fresh) => {
-                                        let answer = call_remote(h, &delivery(&messages[i], fresh));
+                                        let answer =
+                                            call_remote(h, &delivery(&messages[i], fresh, tokens));
                                         let retry = matches!(answer.verdict, Verdict::Retry { .. });
                                         done.push((i, answer));
                                         if retry {

@@ -210,6 +210,9 @@ impl Worker {
         let assignment = Arc::new(Mutex::new(Assignment::default()));
         let log: Arc<dyn Log + Send + Sync> =
             Arc::new(truncation::BrokerLog::new(kafka::base_config(&config)?)?);
+        let local_handler = matches!(handler, AnyHandler::Local(_));
+        let mut processor = BatchProcessor::new(&config, store.clone(), handler, "")?;
+        processor.overlap_sync = config.overlap_wal_sync;
         let mut context = IdemContext::new(store.clone(), assignment.clone(), config.resume_from)
             .with_health(health.clone())
             .with_log_check(log.clone())
@@ -222,10 +225,22 @@ impl Worker {
                 .collect();
             let mut restorer =
                 crate::changelog::restore::Restorer::new(kafka::base_config(&config)?)?;
-            if matches!(handler, AnyHandler::Local(_)) {
+            if local_handler {
                 restorer = restorer.unfinished_from_start();
             }
             context = context.with_changelog(restorer, topics);
+            if let Some(writer) = &processor.changelog {
+                let member = format!(
+                    "pid {} instance {}",
+                    std::process::id(),
+                    config
+                        .kafka
+                        .get("group.instance.id")
+                        .and_then(toml::Value::as_str)
+                        .unwrap_or("-")
+                );
+                context = context.with_claims(writer.clone(), member);
+            }
         }
         let consumer: BaseConsumer<IdemContext> = kafka::consumer_config(&config)?
             .create_with_context(context)
@@ -254,10 +269,8 @@ impl Worker {
             .subscribe(&topics)
             .with_context(|| format!("subscribing to {topics:?}"))?;
         tracing::info!(topics = ?topics, group = %config.group_id, store = %config.store_dir.display(),
-            handler = handler.name(), "worker started");
+            handler = processor.handler.name(), "worker started");
 
-        let mut processor = BatchProcessor::new(&config, store.clone(), handler, "")?;
-        processor.overlap_sync = config.overlap_wal_sync;
         let syncer = config
             .overlap_wal_sync
             .then(|| sync::Syncer::start(store.clone()));
@@ -285,6 +298,9 @@ impl Worker {
             written_seq: 0,
             unsynced: VecDeque::new(),
             commits_sent: 0,
+            lease: session_timeout(&config) / 2,
+            confirm_sent: None,
+            fatal: None,
         };
         m::degraded(false, 0);
         // The store opened: whatever failed before this worker is over.
@@ -314,6 +330,12 @@ impl Worker {
                 .unwrap_or_else(|e| e.into_inner())
                 .restore_failed
                 .take();
+            if let Some(why) = looper.fatal.take() {
+                // Messages parked or in hand are not handled; nothing is
+                // committed (the group would refuse it).
+                drop(batch);
+                anyhow::bail!("{why}");
+            }
             if let Some(why) = restore_failed {
                 // Nothing of this batch is handled or committed: the next
                 // owner (or this worker, restarted) reads it again.
@@ -344,6 +366,11 @@ impl Worker {
                         break;
                     }
                 }
+            } else if !looper.membership_fresh() {
+                // Not handled until the group confirms this worker still
+                // owns its partitions (a stall, such as a SIGSTOP or a long
+                // pause, may have cost the membership): they wait, paused.
+                looper.confirm_membership(batch);
             } else {
                 let began = *first_message_at.get_or_insert_with(Instant::now);
                 looper.process_or_hold(batch, &store);
@@ -474,6 +501,13 @@ struct Loop<'a> {
     /// Asynchronous commits made (compared with the answers counted by the
     /// consumer context).
     commits_sent: u64,
+    /// How long a confirmation of the group membership is trusted: half the
+    /// session timeout.
+    lease: Duration,
+    /// When the last membership confirmation was sent.
+    confirm_sent: Option<Instant>,
+    /// The consumer failed for good: the worker stops with this error.
+    fatal: Option<String>,
 }
 
 /// A batch written but not yet synced.
@@ -490,6 +524,26 @@ struct Failing {
     since: Instant,
     failures: u32,
     logged: Instant,
+}
+
+/// How often a batch waiting for the membership confirmation is looked at.
+const CONFIRM_RETRY: Duration = Duration::from_millis(100);
+/// How long a membership confirmation is waited for before it is sent again.
+const CONFIRM_RESEND: Duration = Duration::from_secs(1);
+
+/// The consumer's `session.timeout.ms` (librdkafka's default, 45 s, unless
+/// `[kafka]` sets it).
+fn session_timeout(config: &Config) -> Duration {
+    let ms = config
+        .kafka
+        .get("session.timeout.ms")
+        .and_then(|v| match v {
+            toml::Value::String(s) => s.parse::<u64>().ok(),
+            toml::Value::Integer(i) => u64::try_from(*i).ok(),
+            _ => None,
+        })
+        .unwrap_or(45_000);
+    Duration::from_millis(ms)
 }
 
 /// Longest a stopping worker waits for its final commit to be answered.
@@ -552,6 +606,15 @@ impl Loop<'_> {
             }
             match polled {
                 None => break,
+                Some(Err(rdkafka::error::KafkaError::MessageConsumptionFatal(code))) => {
+                    // The consumer cannot go on (such as a static member
+                    // fenced by its replacement): nothing more is handled.
+                    self.fatal = Some(format!(
+                        "the Kafka consumer failed for good ({code}): another member with the same `group.instance.id` took this worker's place, or the group refused it; the worker stops"
+                    ));
+                    batch.clear();
+                    break;
+                }
                 Some(Err(e)) => {
                     use rdkafka::types::RDKafkaErrorCode as Code;
                     // Broker connections lost are reported (once, and on
@@ -613,6 +676,57 @@ impl Loop<'_> {
         self.outages_seen = outages;
         self.verify_pending = true;
         true
+    }
+
+    /// True when the group confirmed this worker's membership (a commit
+    /// answered without error, or an assignment) within the lease: half the
+    /// session timeout. Past it, another worker may own the partitions.
+    fn membership_fresh(&self) -> bool {
+        let confirmed = self
+            .assignment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .confirmed_at;
+        confirmed.is_some_and(|t| t.elapsed() < self.lease)
+    }
+
+    /// Parks a batch until the membership is confirmed, and asks for the
+    /// confirmation: a commit of the offsets already committed or durable,
+    /// which the group refuses from a member it no longer has (then the
+    /// assignment is lost and the parked messages are dropped unhandled).
+    fn confirm_membership(&mut self, batch: Vec<OwnedMessage>) {
+        self.park_whole(batch, CONFIRM_RETRY);
+        if self
+            .confirm_sent
+            .is_some_and(|t| t.elapsed() < CONFIRM_RESEND)
+        {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), start) in self.owned() {
+            let next = self
+                .processed
+                .get(&(topic.clone(), partition))
+                .copied()
+                .or(start);
+            if let Some(next) = next {
+                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+            }
+        }
+        if tpl.count() == 0 {
+            // Nothing to commit yet: nothing was handled since the assignment.
+            self.assignment
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .confirmed_at = Some(Instant::now());
+            return;
+        }
+        tracing::info!(lease_ms = self.lease.as_millis() as u64,
+            "the group has not confirmed this worker's membership within the lease (a stall or a network partition?): confirming before anything more is handled");
+        self.confirm_sent = Some(Instant::now());
+        if let Err(e) = kafka::commit_async(self.consumer, &tpl) {
+            tracing::warn!(error = %e, "cannot send the membership confirmation; will retry");
+        }
     }
 
     /// Keeps a batch fetched while the checkpoints wait to be compared with
@@ -771,6 +885,9 @@ impl Loop<'_> {
         let revoked = std::mem::take(&mut state.revoked);
         for (tp, next) in state.commit_now.drain() {
             self.uncommitted.insert(tp, next);
+        }
+        if !state.tokens.is_empty() || !self.processor.tokens.is_empty() {
+            self.processor.tokens = state.tokens.clone();
         }
         let held: Vec<(TopicPartition, String)> = state.held.drain().collect();
         let owned: Vec<TopicPartition> = state.owned.keys().cloned().collect();

@@ -31,6 +31,7 @@
 use super::stats::Stats;
 use super::truncation::{self, Log, Verdict};
 use crate::changelog::restore::Restorer;
+use crate::changelog::ChangelogWriter;
 use crate::config::ResumeFrom;
 use crate::store::DedupStore;
 use crate::telemetry::metrics;
@@ -80,6 +81,11 @@ pub struct Assignment {
     pub restore_failed: Option<String>,
     /// Asynchronous commits answered (either way) by the brokers.
     pub commits_answered: u64,
+    /// The fencing token of each owned partition (with the changelog on).
+    pub tokens: HashMap<TopicPartition, i64>,
+    /// When the group last confirmed this worker's membership: a commit
+    /// answered without error, or an assignment.
+    pub confirmed_at: Option<std::time::Instant>,
 }
 
 /// The consumer context: chooses start offsets and tracks the assignment.
@@ -93,6 +99,9 @@ pub struct IdemContext {
     /// Restores each assigned partition from its changelog (source topic →
     /// changelog topic).
     changelog: Option<(Restorer, HashMap<String, String>)>,
+    /// Writes each assigned partition's claim (its fencing token), as
+    /// `member`.
+    claims: Option<(Arc<ChangelogWriter>, String)>,
 }
 
 impl IdemContext {
@@ -110,7 +119,16 @@ impl IdemContext {
             log: None,
             stats: None,
             changelog: None,
+            claims: None,
         }
+    }
+
+    /// Claims every assigned partition in its changelog, as `member`, after
+    /// its restore: the claim's offset is the fencing token of the
+    /// assignment.
+    pub fn with_claims(mut self, writer: Arc<ChangelogWriter>, member: String) -> Self {
+        self.claims = Some((writer, member));
+        self
     }
 
     /// Restores every assigned partition from its changelog (`topics`: source
@@ -131,10 +149,36 @@ impl IdemContext {
             let Some(changelog) = topics.get(topic) else {
                 continue;
             };
-            match restorer.restore(&self.store, changelog, topic, *partition, *start) {
-                Ok(done) => {
+            let restored = restorer
+                .restore(&self.store, changelog, topic, *partition, *start)
+                .and_then(|done| {
                     if let Some(st) = &self.stats {
                         st.restored(done.records);
+                    }
+                    match &self.claims {
+                        Some((writer, member)) => writer
+                            .claim(topic, *partition, member, self.store.processing_time())
+                            .map(Some),
+                        None => Ok(None),
+                    }
+                });
+            match restored {
+                Ok(token) => {
+                    if let Some(token) = token {
+                        tracing::info!(%topic, partition, fencing_token = token, "partition claimed");
+                        if let Err(e) = self.store.advance_changelog_position(
+                            topic,
+                            *partition,
+                            token,
+                            token + 1,
+                        ) {
+                            tracing::debug!(%topic, partition, error = %e, "recording the claim in the changelog position");
+                        }
+                        self.assignment
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .tokens
+                            .insert((topic.clone(), *partition), token);
                     }
                 }
                 Err(e) => {
@@ -255,6 +299,7 @@ impl IdemContext {
         }
         let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
         state.generation += 1;
+        state.confirmed_at = Some(std::time::Instant::now());
         let mut starts = Vec::new();
         for elem in tpl.elements() {
             let (topic, partition) = (elem.topic().to_string(), elem.partition());
@@ -325,6 +370,7 @@ impl IdemContext {
             let tp = (e.topic().to_string(), e.partition());
             state.owned.remove(&tp);
             state.commit_now.remove(&tp);
+            state.tokens.remove(&tp);
             state.durable.remove(&tp);
             state.written.remove(&tp);
             state.held.remove(&tp);
@@ -409,6 +455,10 @@ impl ConsumerContext for IdemContext {
             .commits_answered += 1;
         match result {
             Ok(()) => {
+                self.assignment
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .confirmed_at = Some(std::time::Instant::now());
                 if let Some(h) = &self.health {
                     h.set_broker_trouble(None);
                 }

@@ -30,10 +30,10 @@ use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, Options,
     WriteBatch, WriteOptions,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Column family for fixed-name metadata.
 pub const META_CF: &str = "meta";
@@ -222,6 +222,10 @@ pub struct DedupStore {
     high_water_ms: AtomicI64,
     /// How many times the wall clock was seen behind the high-water mark.
     clock_clamps: AtomicU64,
+    /// Changelog positions of partitions that have no checkpoint yet (a
+    /// restore before anything was handled), by checkpoint key: taken by
+    /// the partition's first checkpoint.
+    changelog_pending: Mutex<HashMap<Vec<u8>, i64>>,
 }
 
 /// Share of a bucket's memtable spent on its bloom filter. The filter is
@@ -347,6 +351,7 @@ impl DedupStore {
             buckets: RwLock::new(buckets),
             high_water_ms: AtomicI64::new(i64::MIN),
             clock_clamps: AtomicU64::new(0),
+            changelog_pending: Mutex::new(HashMap::new()),
         };
         if !read_only {
             store.check_meta()?;
@@ -634,7 +639,12 @@ impl DedupStore {
                 changelog_next,
                 ..Checkpoint::default()
             },
-            (None, None) => return self.sync_wal(),
+            (None, None) => {
+                // Kept until the partition's first checkpoint.
+                self.pending_positions()
+                    .insert(checkpoint_key(topic, partition), changelog_next);
+                return self.sync_wal();
+            }
         };
         let mut wb = WriteBatch::default();
         wb.put_cf(&cf, checkpoint_key(topic, partition), c.encode_to_vec());
@@ -642,6 +652,43 @@ impl DedupStore {
         wo.set_sync(true);
         db.write_opt(wb, &wo)
             .map_err(rocks("record a partition's changelog position"))
+    }
+
+    /// Moves a partition's changelog position from `from` to `to` when it is
+    /// at `from`: the records in between are this worker's own (its claim),
+    /// so a later restore need not read them again. Otherwise nothing
+    /// changes. Not synced: losing it only makes a later restore read more.
+    pub fn advance_changelog_position(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        to: i64,
+    ) -> Result<(), StoreError> {
+        let Some(mut c) = self.checkpoint_detail(topic, partition)? else {
+            if let Some(next) = self
+                .pending_positions()
+                .get_mut(&checkpoint_key(topic, partition))
+                .filter(|n| **n == from)
+            {
+                *next = to;
+            }
+            return Ok(());
+        };
+        if c.changelog_next != from {
+            return Ok(());
+        }
+        c.changelog_next = to;
+        let db = self.db()?;
+        let cf = family(&db, OFFSETS_CF)?;
+        db.put_cf(&cf, checkpoint_key(topic, partition), c.encode_to_vec())
+            .map_err(rocks("record a partition's changelog position"))
+    }
+
+    fn pending_positions(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, i64>> {
+        self.changelog_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every checkpoint in the store: (topic, partition, next offset).
@@ -780,6 +827,14 @@ impl DedupStore {
                         what: "checkpoint",
                         detail: e.to_string(),
                     })?;
+                let prev = prev.or_else(|| {
+                    self.pending_positions()
+                        .remove(key)
+                        .map(|changelog_next| Checkpoint {
+                            changelog_next,
+                            ..Checkpoint::default()
+                        })
+                });
                 wb.put_cf(
                     &offsets,
                     key,
