@@ -9,6 +9,8 @@
 //!   write per batch (batch_size 500);
 //! - (b') `idem-overlap`: the same with `overlap_wal_sync = true` (a
 //!   batch's fsync runs while the next batch is processed)
+//! - (b'') `idem-changelog`: (b) with the changelog on (every dedup record
+//!   also produced, and acknowledged, before the batch's write);
 //! - (c) `redis`: the hand-rolled dedup — `SET key NX EX 86400` per message
 //!   against a local Redis (from Debian's packages, started here, no
 //!   persistence), then the balance applied in memory;
@@ -139,7 +141,7 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
             let con = client.get_connection().context("connecting to Redis")?;
             plain(&brokers, &topic, &group, expect, Some(con))
         }
-        "idem" | "idem-overlap" | "idem-sync-each" => {
+        "idem" | "idem-overlap" | "idem-changelog" | "idem-sync-each" => {
             let dir = tempfile::tempdir()?;
             let mut config = Config {
                 brokers,
@@ -158,6 +160,7 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
                 },
                 ..Config::default()
             };
+            config.changelog.enabled = role == "idem-changelog";
             config.kafka.insert(
                 LARGE_RESPONSES.0.into(),
                 toml::Value::String(LARGE_RESPONSES.1.into()),
@@ -177,7 +180,7 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
             })
         }
         other => {
-            bail!("unknown --role {other:?}: plain, redis, idem, idem-overlap, idem-sync-each")
+            bail!("unknown --role {other:?}: plain, redis, idem, idem-overlap, idem-changelog, idem-sync-each")
         }
     }
 }
@@ -556,7 +559,7 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
         Ok(())
     };
     for round in 0..rounds {
-        for role in ["plain", "idem", "idem-overlap", "redis"] {
+        for role in ["plain", "idem", "idem-overlap", "idem-changelog", "redis"] {
             let r = contend(
                 role,
                 &big,
@@ -588,6 +591,7 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
             "idem-overlap",
             "(b') idem, same, sync overlapped with the next batch",
         ),
+        ("idem-changelog", "(b'') idem, same, with the changelog"),
         ("redis", "(c) Redis SET NX EX per message"),
         ("idem (small)", "(b) idem, same, small topic"),
         ("idem-sync-each", "(d) idem, sync per message"),
@@ -620,6 +624,10 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
         rate["idem-overlap"] / rate["plain"],
         rate["idem-overlap"] / rate["redis"],
         rate["idem-overlap"] / rate["idem"],
+    );
+    println!(
+        "b''/b = {:.2} (the changelog's cost)",
+        rate["idem-changelog"] / rate["idem"],
     );
     drop(redis);
     Ok(())

@@ -130,6 +130,7 @@ fn a_partition_handed_a_to_b_to_a_resumes_at_the_committed_offset_with_every_key
 /// the changelog on, cooperative-sticky assignment, its log appended to
 /// `<name>.log` beside its store.
 fn spawn_worker(
+    spawned: &Spawned,
     topic: &str,
     group: &str,
     dir: &Path,
@@ -142,7 +143,7 @@ fn spawn_worker(
         .append(true)
         .open(dir.join(format!("{name}.log")))
         .unwrap();
-    idem_run(&brokers(), topic, group, &dir.join(name), Stdio::from(log))
+    let child = idem_run(&brokers(), topic, group, &dir.join(name), Stdio::from(log))
         .env("IDEM_HANDLER", "http")
         .env("IDEM_HTTP__URL", url)
         .env("IDEM_CHANGELOG__ENABLED", "true")
@@ -157,7 +158,24 @@ fn spawn_worker(
             std::env::var("IDEM_TEST_WORKER_LOG").unwrap_or("info,rdkafka=warn".into()),
         )
         .spawn()
-        .unwrap()
+        .unwrap();
+    spawned.0.borrow_mut().push(child.id());
+    child
+}
+
+/// The worker processes a test started, killed when the test ends (also
+/// when it fails half-way), so that none outlives its test.
+#[derive(Default)]
+struct Spawned(std::cell::RefCell<Vec<u32>>);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        for pid in self.0.borrow_mut().drain(..) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
 }
 
 /// The event id of a payload (JSON or protobuf), as the application reads it.
@@ -238,6 +256,7 @@ fn calls_per_event(app: &App) -> BTreeMap<String, Vec<String>> {
 
 #[test]
 fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key() {
+    let spawned = Spawned::default();
     let topic = unique("scale");
     let group = unique("g");
     create_topic(&topic, 8);
@@ -260,7 +279,7 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
     let names = ["w0", "w1", "w2"];
     let mut workers: Vec<Child> = names
         .iter()
-        .map(|n| spawn_worker(&topic, &group, dir.path(), n, n, &app.url()))
+        .map(|n| spawn_worker(&spawned, &topic, &group, dir.path(), n, n, &app.url()))
         .collect();
     // Re-sends spread in time: the workload in 12 chunks, a worker leaving
     // (SIGTERM) and coming back with its store between chunks, 10 times.
@@ -275,7 +294,15 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
             std::thread::sleep(Duration::from_millis(1_500));
             workers.insert(
                 k,
-                spawn_worker(&topic, &group, dir.path(), names[k], names[k], &app.url()),
+                spawn_worker(
+                    &spawned,
+                    &topic,
+                    &group,
+                    dir.path(),
+                    names[k],
+                    names[k],
+                    &app.url(),
+                ),
             );
             std::thread::sleep(Duration::from_millis(1_500));
         } else {
@@ -332,6 +359,7 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
     // It takes the killed worker's place in the group (static membership,
     // as a deploy's replacement pod does).
     workers.push(spawn_worker(
+        &spawned,
         &topic,
         &group,
         dir.path(),
@@ -397,6 +425,7 @@ fn token_of(c: &common::app::Call) -> (i32, i64) {
 
 #[test]
 fn a_worker_stopped_past_its_session_handles_nothing_after_it_wakes_and_its_token_is_older() {
+    let spawned = Spawned::default();
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let topic = unique("zombie");
@@ -419,7 +448,7 @@ fn a_worker_stopped_past_its_session_handles_nothing_after_it_wakes_and_its_toke
     w.produce(&brokers(), &topic).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let dir = Kept(Some(dir));
-    let mut a = spawn_worker(&topic, &group, dir.path(), "a", "a", &app.url());
+    let mut a = spawn_worker(&spawned, &topic, &group, dir.path(), "a", "a", &app.url());
     let deadline = Instant::now() + Duration::from_secs(60);
     while app.calls().len() < 500 {
         assert!(Instant::now() < deadline, "the worker did not start");
@@ -433,7 +462,7 @@ fn a_worker_stopped_past_its_session_handles_nothing_after_it_wakes_and_its_toke
     // a replacement in its place in the group (static membership), since
     // noida-db 0.2.3 never expires a silent member by itself.
     std::thread::sleep(Duration::from_secs(8));
-    let b = spawn_worker(&topic, &group, dir.path(), "b", "a", &app.url());
+    let b = spawn_worker(&spawned, &topic, &group, dir.path(), "b", "a", &app.url());
     let deadline = Instant::now() + Duration::from_secs(60);
     while app.calls().len() < at_stop + 500 {
         assert!(
