@@ -265,8 +265,8 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
         Arc::new(|_: &str, _| Answer::Status(200, "ok".into(), None)),
     );
     let w = Workload::generate(&WorkloadSpec {
-        unique: 20_000,
-        resends: 4_000,
+        unique: 45_000,
+        resends: 5_000,
         conflicts: 0,
         partitions: 8,
         ..WorkloadSpec::default()
@@ -313,10 +313,10 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
     let by = calls_per_event(&app);
     let twice: Vec<_> = by.iter().filter(|(_, c)| c.len() > 1).collect();
     assert!(twice.is_empty(), "called more than once: {twice:?}");
-    assert_eq!(by.len(), 20_000);
+    assert_eq!(by.len(), 45_000);
 
     // A worker is killed mid-flow and a fresh one, with an empty store,
-    // joins: 5,000 new events and 2,000 re-sends of old ones keep coming.
+    // joins: 5,000 new events and 2,250 re-sends of old ones keep coming.
     let late = Workload::generate(&WorkloadSpec {
         unique: 5_000,
         resends: 0,
@@ -331,7 +331,7 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
         .messages
         .iter()
         .filter(|m| m.role == Role::Original)
-        .step_by(10)
+        .step_by(20)
         .collect();
     for (i, m) in old.iter().enumerate() {
         stream.insert((i * 2 + 1).min(stream.len()), (*m).clone());
@@ -348,7 +348,7 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while app.calls().len() < before_kill + 1_000 {
-        assert!(Instant::now() < deadline, "no calls after the first 20,000");
+        assert!(Instant::now() < deadline, "no calls after the first 45,000");
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut victim = workers.remove(0);
@@ -386,7 +386,7 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
     };
     let calls = app.calls();
     let by = calls_per_event(&app);
-    assert_eq!(by.len(), 25_000, "every event reached the application");
+    assert_eq!(by.len(), 50_000, "every event reached the application");
     let mut twice = 0;
     for (id, keys) in &by {
         if keys.len() == 1 {
@@ -405,10 +405,10 @@ fn three_workers_joining_and_leaving_never_call_the_application_twice_for_a_key(
         twice += 1;
     }
     eprintln!(
-        "calls: {} for 25,000 events; called twice: {twice} (in flight at the kill, same key)",
+        "calls: {} for 50,000 events; called twice: {twice} (in flight at the kill, same key)",
         calls.len()
     );
-    assert_eq!(calls.len(), 25_000 + twice);
+    assert_eq!(calls.len(), 50_000 + twice);
 }
 
 /// The fencing token and partition of a call.

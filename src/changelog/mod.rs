@@ -68,7 +68,12 @@ impl ChangelogWriter {
         if !config.changelog.enabled {
             return Ok(None);
         }
+        // No linger: a batch's records are queued at once and the batch
+        // waits for their acknowledgement, so lingering only adds to every
+        // batch's time (records queued while a request is out still go
+        // together).
         let producer = producer_config(config)?
+            .set("linger.ms", "0")
             .create()
             .context("creating the changelog producer")?;
         let topics = config

@@ -313,6 +313,7 @@ impl Worker {
         let mut last_broker_check = Instant::now();
         let mut last_recovery_check = Instant::now();
         let mut first_message_at: Option<Instant> = None;
+        let mut members_checked_at = 0;
         while !shutdown.load(Ordering::SeqCst) {
             health.beat();
             looper.drain_synced()?;
@@ -330,6 +331,10 @@ impl Worker {
                 .unwrap_or_else(|e| e.into_inner())
                 .restore_failed
                 .take();
+            if !config.changelog.enabled && looper.generation_seen != members_checked_at {
+                members_checked_at = looper.generation_seen;
+                warn_if_shared_without_changelog(&consumer, &config.group_id);
+            }
             if let Some(why) = looper.fatal.take() {
                 // Messages parked or in hand are not handled; nothing is
                 // committed (the group would refuse it).
@@ -406,6 +411,27 @@ impl Worker {
         let summary = stats.snapshot();
         tracing::info!(?summary, "worker stopped");
         Ok(summary)
+    }
+}
+
+/// Warns when the group has more than one member while the changelog is
+/// off: a partition that moves to another worker then forgets its keys, and
+/// their redeliveries reach the handler again.
+fn warn_if_shared_without_changelog<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    group: &str,
+) {
+    let Ok(list) = consumer.fetch_group_list(Some(group), Duration::from_secs(2)) else {
+        return;
+    };
+    let members = list
+        .groups()
+        .iter()
+        .find(|g| g.name() == group)
+        .map_or(0, |g| g.members().len());
+    if members > 1 {
+        tracing::warn!(group, members,
+            "more than one worker consumes this group with the changelog off ([changelog] enabled = false): a partition that moves between workers forgets its keys, and their redeliveries reach the handler again; turn the changelog on");
     }
 }
 

@@ -14,7 +14,7 @@
 //! - With the changelog on, each partition is restored from its changelog
 //!   ([`crate::changelog::restore`]) before it is assigned, so nothing of it
 //!   is fetched before its keys are in the store; one that cannot be
-//!   restored is not taken, and the worker stops to join again.
+//!   restored is not taken, and the worker stops (exit 1).
 //! - With `resume_from = "group"` the committed offset alone decides, so an
 //!   operator's deliberate rewind replays messages (as duplicates).
 //! - On revocation the pipeline is between batches (the rebalance callback runs
@@ -76,8 +76,8 @@ pub struct Assignment {
     /// Rebalances seen.
     pub generation: u64,
     /// A partition's changelog could not be restored: it was not taken
-    /// (never fetched), and the loop stops the worker with this error so
-    /// that a new one joins and restores again.
+    /// (never fetched), and the loop stops the worker with this error (its
+    /// process manager starts it again, and it restores once more).
     pub restore_failed: Option<String>,
     /// Asynchronous commits answered (either way) by the brokers.
     pub commits_answered: u64,
@@ -184,7 +184,7 @@ impl IdemContext {
                 Err(e) => {
                     let text =
                         format!("restoring {topic}/{partition} from changelog {changelog}: {e:#}");
-                    tracing::error!(error = %text, "a partition's changelog could not be restored: it is not taken, and the worker stops so that a new one joins and restores again");
+                    tracing::error!(error = %text, "a partition's changelog could not be restored: it is not taken, and the worker stops (exit 1) so that its process manager starts it again and it restores once more");
                     failed.push(((topic.clone(), *partition), text));
                 }
             }
