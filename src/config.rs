@@ -137,8 +137,9 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChangelogConfig {
-    /// Produce and restore the changelog. Needed whenever more than one
-    /// worker runs in the group, or a worker's store can be replaced.
+    /// Produce and restore the changelog (default on). Needed whenever
+    /// more than one worker runs in the group (every sidecar deployment
+    /// with more than one pod), or a worker's store can be replaced.
     pub enabled: bool,
     /// Changelog topic of each source topic; `{group}` and `{topic}` are
     /// replaced, and `{topic}` is required.
@@ -150,7 +151,7 @@ pub struct ChangelogConfig {
 impl Default for ChangelogConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             topic: "{group}.idem-changelog.{topic}".into(),
             retention_margin_secs: 3600,
         }

@@ -82,15 +82,14 @@ pub struct DeadLetter {
 
 /// The dead-letter producer of a worker.
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: crate::kafka::RenewingProducer,
 }
 
 impl DeadLetters {
     /// Builds the producer from the worker configuration.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let producer = producer_config(config)?
-            .create()
-            .context("creating the dead-letter producer")?;
+        let producer =
+            crate::kafka::RenewingProducer::new(producer_config(config)?, "dead-letter")?;
         Ok(Self { producer })
     }
 
@@ -138,6 +137,18 @@ impl DeadLetters {
     }
 
     fn send(&self, records: Vec<Outgoing<'_>>) -> anyhow::Result<()> {
+        let sent = self.send_with(&self.producer.get(), records);
+        if sent.is_err() {
+            self.producer.renew_if_failed();
+        }
+        sent
+    }
+
+    fn send_with(
+        &self,
+        producer: &FutureProducer,
+        records: Vec<Outgoing<'_>>,
+    ) -> anyhow::Result<()> {
         let mut pending = Vec::with_capacity(records.len());
         for r in &records {
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
@@ -156,7 +167,7 @@ impl DeadLetters {
                 record = record.payload(p);
             }
             loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(fut) => {
                         pending.push((r, fut));
                         break;

@@ -96,6 +96,57 @@ pub fn producer_config(config: &Config) -> anyhow::Result<ClientConfig> {
     Ok(c)
 }
 
+/// An idempotent producer that is built again when librdkafka reports that
+/// it failed for good (a fatal error, such as an out-of-order sequence after
+/// a broker lost acknowledged messages): such a producer refuses every later
+/// record, which would hold every batch that needs it for ever. A record
+/// sent by the old producer and not acknowledged is sent again by its
+/// batch's retry, so nothing is lost; one may be written twice.
+pub struct RenewingProducer {
+    config: ClientConfig,
+    what: &'static str,
+    current: std::sync::RwLock<rdkafka::producer::FutureProducer>,
+}
+
+impl RenewingProducer {
+    /// Builds the producer (`what` names it in errors and logs).
+    pub fn new(config: ClientConfig, what: &'static str) -> anyhow::Result<Self> {
+        let producer = config
+            .create()
+            .with_context(|| format!("creating the {what} producer"))?;
+        Ok(Self {
+            config,
+            what,
+            current: std::sync::RwLock::new(producer),
+        })
+    }
+
+    /// The producer to send with now.
+    pub fn get(&self) -> rdkafka::producer::FutureProducer {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// After a failed send: when the producer failed for good, a new one
+    /// takes its place for the next try.
+    pub fn renew_if_failed(&self) {
+        use rdkafka::producer::Producer as _;
+        let Some((code, reason)) = self.get().client().fatal_error() else {
+            return;
+        };
+        tracing::error!(producer = self.what, %code, %reason,
+            "the producer failed for good; building a new one (the batch is retried with it)");
+        match self.config.create() {
+            Ok(p) => *self.current.write().unwrap_or_else(|e| e.into_inner()) = p,
+            Err(e) => {
+                tracing::error!(producer = self.what, error = %e, "cannot build a new producer; will try again")
+            }
+        }
+    }
+}
+
 /// Number of partitions of `topic`, from broker metadata.
 pub fn partition_count<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,

@@ -325,6 +325,7 @@ fn store_may_recover(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<StoreError>()
             .is_some_and(StoreError::is_transient)
+            || c.is::<idem::changelog::restore::RestoreFailed>()
     })
 }
 
@@ -332,7 +333,8 @@ fn store_may_recover(e: &anyhow::Error) -> bool {
 /// cannot be opened or written for a reason that may pass (a full disk, an
 /// I/O error) fails closed: nothing is handled, `/readyz` says why, the error
 /// is logged once a minute, and the store is opened again with backoff until
-/// it works. A damaged store or a bad configuration ends the run.
+/// it works; so does a worker that could not restore a partition's
+/// changelog. A damaged store or a bad configuration ends the run.
 fn supervise(
     config: &Config,
     stop: StopWhen,
@@ -371,7 +373,7 @@ fn supervise(
         if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
             logged = Some(std::time::Instant::now());
             tracing::error!(error = %text, attempt, retry_in_ms = delay.as_millis() as u64,
-                "the dedup store cannot be used: nothing is handled until it can (fail closed; logged once a minute)");
+                "the worker cannot go on (the dedup store cannot be used, or a partition's changelog cannot be restored): nothing is handled until it can (fail closed; logged once a minute)");
         }
         if signals.sleep(delay) {
             return Err(error.context("stopped by a signal while waiting for the store"));

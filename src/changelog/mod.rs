@@ -51,7 +51,7 @@ pub fn encode(key: &ScopedKeyHash, bucket: Bucket, record: &crate::proto::DedupR
 
 /// Produces a batch's dedup records to the changelog topics.
 pub struct ChangelogWriter {
-    producer: FutureProducer,
+    producer: crate::kafka::RenewingProducer,
     /// Source topic → changelog topic.
     topics: HashMap<String, String>,
 }
@@ -72,10 +72,9 @@ impl ChangelogWriter {
         // waits for their acknowledgement, so lingering only adds to every
         // batch's time (records queued while a request is out still go
         // together).
-        let producer = producer_config(config)?
-            .set("linger.ms", "0")
-            .create()
-            .context("creating the changelog producer")?;
+        let mut producer = producer_config(config)?;
+        producer.set("linger.ms", "0");
+        let producer = crate::kafka::RenewingProducer::new(producer, "changelog")?;
         let topics = config
             .topics
             .iter()
@@ -89,6 +88,14 @@ impl ChangelogWriter {
     /// they landed, per source topic and partition. A record whose source
     /// topic is not consumed any more (a refreshed old record) is left out.
     pub fn send(&self, batch: &StoreBatch) -> anyhow::Result<Spans> {
+        let sent = self.send_with(&self.producer.get(), batch);
+        if sent.is_err() {
+            self.producer.renew_if_failed();
+        }
+        sent
+    }
+
+    fn send_with(&self, producer: &FutureProducer, batch: &StoreBatch) -> anyhow::Result<Spans> {
         let mut pending = Vec::with_capacity(batch.records.len());
         for (key, (bucket, record)) in &batch.records {
             let Some(changelog) = self.topics.get(&record.source_topic) else {
@@ -100,7 +107,7 @@ impl ChangelogWriter {
                 .key(&key.0[..])
                 .payload(&payload);
             loop {
-                match self.producer.send_result(out) {
+                match producer.send_result(out) {
                     Ok(fut) => {
                         pending.push((record, fut));
                         break;
@@ -172,16 +179,19 @@ impl ChangelogWriter {
             .partition(partition)
             .key(CLAIM_KEY)
             .payload(&payload);
-        let fut = self
-            .producer
+        let producer = self.producer.get();
+        let fut = producer
             .send_result(record)
             .map_err(|(e, _)| e)
             .with_context(|| format!("queueing the claim of {topic}/{partition}"))?;
         let delivery = futures::executor::block_on(fut)
             .map_err(|_| anyhow::anyhow!("the producer was dropped before acknowledging"))?
             .map_err(|(e, _)| e)
-            .with_context(|| format!("writing the claim of {topic}/{partition} to {changelog}"))?;
-        Ok(delivery.offset)
+            .with_context(|| format!("writing the claim of {topic}/{partition} to {changelog}"));
+        if delivery.is_err() {
+            self.producer.renew_if_failed();
+        }
+        Ok(delivery?.offset)
     }
 }
 

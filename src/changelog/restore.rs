@@ -31,6 +31,14 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message as _;
 use std::time::{Duration, Instant};
 
+/// A partition's changelog could not be restored when it was assigned: the
+/// worker stops without handling it, and `idem run` starts a new worker
+/// (with backoff) that joins the group and restores again, as it does for a
+/// store that cannot be written.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RestoreFailed(pub String);
+
 /// Records written to the store per write during a restore.
 const CHUNK: usize = 20_000;
 

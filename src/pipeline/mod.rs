@@ -347,7 +347,7 @@ impl Worker {
                 drop(batch);
                 looper.commit_final()?;
                 consumer.unsubscribe();
-                anyhow::bail!("{why}");
+                return Err(crate::changelog::restore::RestoreFailed(why).into());
             }
             if looper.verify_pending && !batch.is_empty() {
                 // Not handled before the checkpoints were compared with the
@@ -747,8 +747,17 @@ impl Loop<'_> {
                 .confirmed_at = Some(Instant::now());
             return;
         }
-        tracing::info!(lease_ms = self.lease.as_millis() as u64,
-            "the group has not confirmed this worker's membership within the lease (a stall or a network partition?): confirming before anything more is handled");
+        let confirmed = self
+            .assignment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .confirmed_at;
+        if confirmed.is_none_or(|t| t.elapsed() > 2 * self.lease) {
+            tracing::info!(lease_ms = self.lease.as_millis() as u64,
+                "the group has not confirmed this worker's membership within the session timeout (a stall, or the brokers unreachable?): confirming before anything more is handled");
+        } else {
+            tracing::debug!("confirming the group membership before the next batch");
+        }
         self.confirm_sent = Some(Instant::now());
         if let Err(e) = kafka::commit_async(self.consumer, &tpl) {
             tracing::warn!(error = %e, "cannot send the membership confirmation; will retry");

@@ -14,7 +14,8 @@
 //! - With the changelog on, each partition is restored from its changelog
 //!   ([`crate::changelog::restore`]) before it is assigned, so nothing of it
 //!   is fetched before its keys are in the store; one that cannot be
-//!   restored is not taken, and the worker stops (exit 1).
+//!   restored is not taken, and the worker stops (`idem run` starts a new
+//!   one, with backoff).
 //! - With `resume_from = "group"` the committed offset alone decides, so an
 //!   operator's deliberate rewind replays messages (as duplicates).
 //! - On revocation the pipeline is between batches (the rebalance callback runs
@@ -76,8 +77,8 @@ pub struct Assignment {
     /// Rebalances seen.
     pub generation: u64,
     /// A partition's changelog could not be restored: it was not taken
-    /// (never fetched), and the loop stops the worker with this error (its
-    /// process manager starts it again, and it restores once more).
+    /// (never fetched), and the loop stops the worker with this error
+    /// (`idem run` starts a new one, with backoff, which restores again).
     pub restore_failed: Option<String>,
     /// Asynchronous commits answered (either way) by the brokers.
     pub commits_answered: u64,
@@ -138,11 +139,17 @@ impl IdemContext {
         self
     }
 
-    /// Restores the partitions about to be assigned; those that cannot be
-    /// restored are taken out of `tpl` (so never fetched) and reported.
-    fn restore(&self, tpl: &mut TopicPartitionList, starts: &[(TopicPartition, Option<i64>)]) {
+    /// Restores the partitions about to be assigned; when some cannot be
+    /// restored, returns the list without them (so they are never fetched)
+    /// and reports them. `tpl` itself belongs to librdkafka's rebalance
+    /// event and is never replaced.
+    fn restore(
+        &self,
+        tpl: &TopicPartitionList,
+        starts: &[(TopicPartition, Option<i64>)],
+    ) -> Option<TopicPartitionList> {
         let Some((restorer, topics)) = &self.changelog else {
-            return;
+            return None;
         };
         let mut failed = Vec::new();
         for ((topic, partition), start) in starts {
@@ -156,8 +163,14 @@ impl IdemContext {
                         st.restored(done.records);
                     }
                     match &self.claims {
+                        // Once more when it fails: a producer that failed
+                        // for good has been replaced by then.
                         Some((writer, member)) => writer
                             .claim(topic, *partition, member, self.store.processing_time())
+                            .or_else(|e| {
+                                tracing::warn!(%topic, partition, error = %format!("{e:#}"), "claiming the partition failed; trying once more");
+                                writer.claim(topic, *partition, member, self.store.processing_time())
+                            })
                             .map(Some),
                         None => Ok(None),
                     }
@@ -184,13 +197,13 @@ impl IdemContext {
                 Err(e) => {
                     let text =
                         format!("restoring {topic}/{partition} from changelog {changelog}: {e:#}");
-                    tracing::error!(error = %text, "a partition's changelog could not be restored: it is not taken, and the worker stops (exit 1) so that its process manager starts it again and it restores once more");
+                    tracing::error!(error = %text, "a partition's changelog could not be restored: it is not taken, and the worker stops; a new one joins and restores again (with backoff)");
                     failed.push(((topic.clone(), *partition), text));
                 }
             }
         }
         if failed.is_empty() {
-            return;
+            return None;
         }
         let mut kept = TopicPartitionList::new();
         for e in tpl.elements() {
@@ -202,13 +215,13 @@ impl IdemContext {
             }
             let _ = kept.add_partition_offset(e.topic(), e.partition(), e.offset());
         }
-        *tpl = kept;
         let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
         for (tp, text) in failed {
             state.owned.remove(&tp);
             state.commit_now.remove(&tp);
             state.restore_failed.get_or_insert(text);
         }
+        Some(kept)
     }
 
     /// Compares each start at a store checkpoint with `log` first.
@@ -292,7 +305,14 @@ impl IdemContext {
         self
     }
 
-    fn choose_start_offsets(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+    /// Sets each partition's start offset in `tpl`, restores the partitions
+    /// from their changelogs, and returns the list to assign instead of
+    /// `tpl` when some could not be restored.
+    fn choose_start_offsets(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+    ) -> Option<TopicPartitionList> {
         let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10));
         if let Err(e) = &committed {
             tracing::warn!(error = %e, "could not read the group's committed offsets; using the store's checkpoints");
@@ -360,7 +380,7 @@ impl IdemContext {
                 }
             }
         }
-        self.restore(tpl, &starts);
+        self.restore(tpl, &starts)
     }
 
     fn note_revoked(&self, tpl: &TopicPartitionList) {
@@ -489,12 +509,13 @@ impl ConsumerContext for IdemContext {
         );
         let result: KafkaResult<()> = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.choose_start_offsets(consumer, tpl);
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                let kept = self.choose_start_offsets(consumer, tpl);
+                let assign: &TopicPartitionList = kept.as_ref().unwrap_or(tpl);
+                tracing::info!(partitions = assign.count(), "partitions assigned");
                 if cooperative {
-                    consumer.incremental_assign(tpl)
+                    consumer.incremental_assign(assign)
                 } else {
-                    consumer.assign(tpl)
+                    consumer.assign(assign)
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
