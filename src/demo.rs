@@ -79,10 +79,23 @@ fn dlq_messages(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<i
     Ok(total)
 }
 
+/// The demo's consumer group, and the group of its replay.
+const GROUP: &str = "idem-demo";
+const REPLAY_GROUP: &str = "idem-demo-replay";
+
 /// Runs the demo and returns its report.
 pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     let cluster = MockCluster::new(1).context("starting the embedded mock broker")?;
-    for topic in [TOPIC.to_string(), format!("{TOPIC}.dlq")] {
+    // The mock broker does not serve CreateTopics: the source, its dead
+    // letters and the changelogs of the demo's two groups are made here.
+    let changelog =
+        |group: &str| crate::changelog::topic_for(&Config::default().changelog.topic, group, TOPIC);
+    for topic in [
+        TOPIC.to_string(),
+        format!("{TOPIC}.dlq"),
+        changelog(GROUP),
+        changelog(REPLAY_GROUP),
+    ] {
         cluster
             .create_topic(&topic, opts.spec.partitions, 1)
             .with_context(|| format!("creating the demo topic {topic}"))?;
@@ -105,7 +118,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     };
     let mut config = Config {
         brokers: brokers.clone(),
-        group_id: "idem-demo".into(),
+        group_id: GROUP.into(),
         topics: vec![TOPIC.into()],
         store_dir: store_dir.clone(),
         // The mock broker does not serve CreateTopics; the topic exists.
@@ -133,7 +146,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     // store, so every message is delivered again.
     // The scope stays that of the first group, so the keys are the same keys.
     config.scope = Some(config.group_id.clone());
-    config.group_id = "idem-demo-replay".into();
+    config.group_id = REPLAY_GROUP.into();
     config.resume_from = ResumeFrom::Group;
     let worker = Worker::new(config, Box::new(Ledger))?;
     let store = worker.store();

@@ -227,6 +227,9 @@ fn after_an_outage_a_broker_back_with_a_rewritten_log_is_read_again_from_the_new
     // then 700 new events. The worker's broker stops and comes back with it.
     let other = OwnBroker::start();
     other.create_topic(&topic, 1);
+    // Its changelog lost everything too (the worker then reads it from its
+    // start and writes on from there).
+    other.create_topic(&format!("{group}.idem-changelog.{topic}"), 1);
     produce_at(&other.addr, &topic, &a[..600], base);
     produce_at(&other.addr, &topic, b, base + 10_000);
     broker.restart_with_data_of(&other);

@@ -113,10 +113,20 @@ impl Restorer {
             .consumer
             .fetch_watermarks(changelog, partition, STALL_TIMEOUT)
             .with_context(|| format!("reading the offsets of changelog {changelog}/{partition}"))?;
-        let from = position.max(low);
+        let from = if position > high {
+            // The changelog ends before what this store read of it: the
+            // brokers lost records and will reuse their offsets. It is read
+            // from its start (what it still holds), and the store's position
+            // follows from there.
+            tracing::warn!(%topic, partition, %changelog, position, end = high,
+                "the changelog ends before the store's position in it (the brokers lost records): reading it from its start");
+            low
+        } else {
+            position.max(low)
+        };
         let mut done = Restored {
             from,
-            to: from.max(high),
+            to: high.max(from),
             ..Restored::default()
         };
         if from < high {
