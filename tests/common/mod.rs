@@ -340,6 +340,11 @@ impl Drop for OwnBroker {
     }
 }
 
+/// The sum of a store's checkpoints: messages it recorded as processed.
+pub fn checkpoint_total(store: &DedupStore) -> i64 {
+    store.checkpoints().unwrap().iter().map(|c| c.2).sum()
+}
+
 /// Messages recorded as processed in the store so far (sum of checkpoints);
 /// 0 while the store cannot be read.
 pub fn progress(store: &Path) -> i64 {
