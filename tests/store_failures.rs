@@ -114,10 +114,13 @@ fn fail_open_handles_on_through_a_full_disk_counts_each_unverified_message_and_w
         },
         || format!("{:?}", ready(ops)),
     );
+    // Called, and their batches done (counted and committed): the counter
+    // moves after a batch's write, a moment after its calls.
+    let canaries_end = log_end(&topic, 4);
     wait_until(
         30,
         "canaries not all handled",
-        || app.calls().len() == 2_000 + sent,
+        || app.calls().len() == 2_000 + sent && committed(&group, &topic, 4) == canaries_end,
         || format!("{} calls", app.calls().len()),
     );
     let unverified_before = metric(ops, "idem_unverified_total", &[("topic", &topic)]);
