@@ -14,10 +14,8 @@
 use crate::config::Config;
 use crate::kafka::producer_config;
 use anyhow::Context as _;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use std::time::Duration;
 
 /// Why a message went to the dead-letter topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,19 +164,9 @@ impl DeadLetters {
             if let Some(p) = r.payload {
                 record = record.payload(p);
             }
-            loop {
-                match producer.send_result(record) {
-                    Ok(fut) => {
-                        pending.push((r, fut));
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => return Err(e).with_context(|| format!("queueing {}", r.what)),
-                }
-            }
+            let fut = crate::kafka::queue(producer, record)
+                .with_context(|| format!("queueing {}", r.what))?;
+            pending.push((r, fut));
         }
         for (r, fut) in pending {
             let delivered = futures::executor::block_on(fut)

@@ -96,6 +96,25 @@ pub fn producer_config(config: &Config) -> anyhow::Result<ClientConfig> {
     Ok(c)
 }
 
+/// Queues `record` on `producer`, waiting while librdkafka's queue is full
+/// (the brokers are slower than the batch); any other refusal is returned.
+pub fn queue<'a>(
+    producer: &rdkafka::producer::FutureProducer,
+    mut record: rdkafka::producer::FutureRecord<'a, [u8], [u8]>,
+) -> rdkafka::error::KafkaResult<rdkafka::producer::DeliveryFuture> {
+    use rdkafka::error::KafkaError;
+    loop {
+        match producer.send_result(record) {
+            Ok(fut) => return Ok(fut),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// An idempotent producer that is built again when librdkafka reports that
 /// it failed for good (a fatal error, such as an out-of-order sequence after
 /// a broker lost acknowledged messages): such a producer refuses every later

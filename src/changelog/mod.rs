@@ -27,10 +27,8 @@ use crate::proto::ChangelogRecord;
 use crate::store::{Bucket, StoreBatch};
 use anyhow::Context as _;
 use prost::Message as _;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 /// The changelog topic of source `topic`, from the `changelog.topic`
 /// template (`{group}` and `{topic}` replaced).
@@ -102,30 +100,17 @@ impl ChangelogWriter {
                 continue;
             };
             let payload = encode(key, *bucket, record);
-            let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(changelog)
+            let out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(changelog)
                 .partition(record.source_partition)
                 .key(&key.0[..])
                 .payload(&payload);
-            loop {
-                match producer.send_result(out) {
-                    Ok(fut) => {
-                        pending.push((record, fut));
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        out = back;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => {
-                        return Err(e).with_context(|| {
-                            format!(
-                                "queueing the changelog record of {}/{}@{} for {changelog}",
-                                record.source_topic, record.source_partition, record.source_offset
-                            )
-                        })
-                    }
-                }
-            }
+            let fut = crate::kafka::queue(producer, out).with_context(|| {
+                format!(
+                    "queueing the changelog record of {}/{}@{} for {changelog}",
+                    record.source_topic, record.source_partition, record.source_offset
+                )
+            })?;
+            pending.push((record, fut));
         }
         let mut landed: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
         for (record, fut) in pending {
@@ -180,9 +165,7 @@ impl ChangelogWriter {
             .key(CLAIM_KEY)
             .payload(&payload);
         let producer = self.producer.get();
-        let fut = producer
-            .send_result(record)
-            .map_err(|(e, _)| e)
+        let fut = crate::kafka::queue(&producer, record)
             .with_context(|| format!("queueing the claim of {topic}/{partition}"))?;
         let delivery = futures::executor::block_on(fut)
             .map_err(|_| anyhow::anyhow!("the producer was dropped before acknowledging"))?
