@@ -80,6 +80,17 @@ pub fn consumer_config(config: &Config) -> anyhow::Result<ClientConfig> {
     Ok(c)
 }
 
+/// The configuration of a consumer of idem's own that reads partitions by
+/// assignment, outside the worker's group (`group` names it in the
+/// brokers' view), and never commits or stores an offset.
+pub fn reader_config(mut base: ClientConfig, group: &str) -> ClientConfig {
+    base.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    base
+}
+
 /// The configuration of the dead-letter producer: idempotent, acks from all
 /// in-sync replicas, so an acknowledged dead letter is durable.
 pub fn producer_config(config: &Config) -> anyhow::Result<ClientConfig> {

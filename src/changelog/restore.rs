@@ -71,13 +71,9 @@ pub struct Restorer {
 
 impl Restorer {
     /// A restorer over a client configuration with the brokers set.
-    pub fn new(mut base: ClientConfig) -> anyhow::Result<Self> {
-        base.set("group.id", "idem-changelog-restore")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "earliest");
-        let consumer = base
+    pub fn new(base: ClientConfig) -> anyhow::Result<Self> {
+        let consumer = crate::kafka::reader_config(base, "idem-changelog-restore")
+            .set("auto.offset.reset", "earliest")
             .create()
             .context("creating the consumer that restores changelogs")?;
         Ok(Self {

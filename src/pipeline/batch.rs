@@ -187,11 +187,11 @@ fn delivery<'a>(
     fresh: &'a Fresh,
     tokens: &HashMap<TopicPartition, i64>,
 ) -> Delivery<'a> {
-    let token = if tokens.is_empty() {
-        None
-    } else {
-        tokens.get(&tp_of(msg)).copied()
-    };
+    // Without a key allocation per call: a worker owns few partitions.
+    let token = tokens
+        .iter()
+        .find(|((t, p), _)| *p == msg.partition() && t == msg.topic())
+        .map(|(_, token)| *token);
     Delivery {
         fencing_token: token,
         topic: msg.topic(),

@@ -50,7 +50,7 @@ use crate::store::{DedupStore, StoreOptions};
 use crate::telemetry::metrics as m;
 use crate::telemetry::server::Health;
 use anyhow::Context as _;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message as _;
@@ -1267,7 +1267,7 @@ impl Loop<'_> {
     /// immediate failure keeps them for the next try, a failure reported
     /// later commits the latest durable offsets again.
     fn commit_pending(&mut self) {
-        self.commit(CommitMode::Async);
+        self.commit();
     }
 
     /// At shutdown: commits the latest durable offset of every owned
@@ -1288,7 +1288,7 @@ impl Loop<'_> {
         // a synchronous commit made while the group rebalances waits for a
         // rebalance callback that only a poll can run, and would hang.
         let (sent, answered) = (self.commits_sent, self.commits_answered());
-        self.commit(CommitMode::Async);
+        self.commit();
         if self.commits_sent == sent {
             return Ok(());
         }
@@ -1369,7 +1369,9 @@ impl Loop<'_> {
         }
     }
 
-    fn commit(&mut self, mode: CommitMode) {
+    /// Sends the commit of every durable offset not yet committed,
+    /// asynchronously; the answer reaches the consumer context's callback.
+    fn commit(&mut self) {
         let failed = self
             .assignment
             .lock()
@@ -1384,9 +1386,9 @@ impl Loop<'_> {
                 self.uncommitted.insert(tp.clone(), *next);
             }
         }
-        // With every broker down a synchronous commit would block the loop
-        // until librdkafka gives up; the offsets wait (they are durable in
-        // the store) until the brokers answer a metadata request again.
+        // With every broker down the offsets wait (they are durable in the
+        // store) until the brokers answer a metadata request again, so that
+        // commits do not pile up in librdkafka meanwhile.
         if self.uncommitted.is_empty() || self.health.brokers_down() {
             return;
         }
@@ -1396,19 +1398,10 @@ impl Loop<'_> {
                 tracing::error!(%topic, partition, error = %e, "cannot build the commit list");
             }
         }
-        let sent = match mode {
-            CommitMode::Async => kafka::commit_async(self.consumer, &tpl),
-            CommitMode::Sync => self.consumer.commit(&tpl, mode),
-        };
-        match sent {
+        match kafka::commit_async(self.consumer, &tpl) {
             Ok(()) => {
-                if matches!(mode, CommitMode::Async) {
-                    self.commits_sent += 1;
-                }
+                self.commits_sent += 1;
                 self.uncommitted.clear();
-                if matches!(mode, CommitMode::Sync) {
-                    self.health.set_broker_trouble(None);
-                }
             }
             Err(e) => {
                 self.stats.commit_failed();

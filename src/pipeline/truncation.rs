@@ -175,15 +175,11 @@ pub struct BrokerLog {
 impl BrokerLog {
     /// A reader with the worker's broker settings (`base`, security
     /// included).
-    pub fn new(mut base: ClientConfig) -> anyhow::Result<Self> {
-        base.set("group.id", "idem-log-check")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
+    pub fn new(base: ClientConfig) -> anyhow::Result<Self> {
+        let consumer = crate::kafka::reader_config(base, "idem-log-check")
             .set("fetch.wait.max.ms", "100")
             .set("max.partition.fetch.bytes", "65536")
-            .set("queued.max.messages.kbytes", "1024");
-        let consumer = base
+            .set("queued.max.messages.kbytes", "1024")
             .create()
             .context("creating the consumer that checks checkpoints against the log")?;
         Ok(Self { consumer })

@@ -582,8 +582,6 @@ impl DedupStore {
         partition: i32,
         to: &CheckpointMark,
     ) -> Result<(), StoreError> {
-        let db = self.db()?;
-        let cf = family(&db, OFFSETS_CF)?;
         let key = checkpoint_key(topic, partition);
         let prev = self.checkpoint_detail(topic, partition)?;
         let changelog_next = prev.as_ref().map_or(0, |c| c.changelog_next);
@@ -600,12 +598,24 @@ impl DedupStore {
             history,
             changelog_next,
         };
+        self.put_checkpoint(&key, &c, self.opts.sync, "rewind a partition checkpoint")
+    }
+
+    /// Writes one partition checkpoint on its own (outside a batch).
+    fn put_checkpoint(
+        &self,
+        key: &[u8],
+        c: &Checkpoint,
+        sync: bool,
+        what: &'static str,
+    ) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let cf = family(&db, OFFSETS_CF)?;
         let mut wb = WriteBatch::default();
         wb.put_cf(&cf, key, c.encode_to_vec());
         let mut wo = WriteOptions::default();
-        wo.set_sync(self.opts.sync);
-        db.write_opt(wb, &wo)
-            .map_err(rocks("rewind a partition checkpoint"))
+        wo.set_sync(sync);
+        db.write_opt(wb, &wo).map_err(rocks(what))
     }
 
     /// Records, in a synced write (which makes the restored records written
@@ -621,8 +631,6 @@ impl DedupStore {
         changelog_next: i64,
         known_through: Option<i64>,
     ) -> Result<(), StoreError> {
-        let db = self.db()?;
-        let cf = family(&db, OFFSETS_CF)?;
         let prev = self.checkpoint_detail(topic, partition)?;
         let c = match (prev, known_through) {
             (Some(mut c), k) => {
@@ -646,12 +654,12 @@ impl DedupStore {
                 return self.sync_wal();
             }
         };
-        let mut wb = WriteBatch::default();
-        wb.put_cf(&cf, checkpoint_key(topic, partition), c.encode_to_vec());
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        db.write_opt(wb, &wo)
-            .map_err(rocks("record a partition's changelog position"))
+        self.put_checkpoint(
+            &checkpoint_key(topic, partition),
+            &c,
+            true,
+            "record a partition's changelog position",
+        )
     }
 
     /// Moves a partition's changelog position from `from` to `to` when it is
@@ -679,10 +687,12 @@ impl DedupStore {
             return Ok(());
         }
         c.changelog_next = to;
-        let db = self.db()?;
-        let cf = family(&db, OFFSETS_CF)?;
-        db.put_cf(&cf, checkpoint_key(topic, partition), c.encode_to_vec())
-            .map_err(rocks("record a partition's changelog position"))
+        self.put_checkpoint(
+            &checkpoint_key(topic, partition),
+            &c,
+            false,
+            "record a partition's changelog position",
+        )
     }
 
     fn pending_positions(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, i64>> {
