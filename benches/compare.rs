@@ -165,6 +165,9 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
                 LARGE_RESPONSES.0.into(),
                 toml::Value::String(LARGE_RESPONSES.1.into()),
             );
+            for (k, v) in extra_kafka_props()? {
+                config.kafka.insert(k, toml::Value::String(v));
+            }
             let worker = Worker::new(config, Box::new(Ledger))?;
             let s = worker.run(Arc::new(AtomicBool::new(false)), StopWhen::CaughtUp)?;
             Ok(Report {
@@ -185,6 +188,23 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
     }
 }
 
+/// Extra librdkafka properties for every contender's consumer, from
+/// `IDEM_BENCH_KAFKA_PROPS` (`k=v,k=v`).
+fn extra_kafka_props() -> anyhow::Result<Vec<(String, String)>> {
+    let Ok(props) = std::env::var("IDEM_BENCH_KAFKA_PROPS") else {
+        return Ok(Vec::new());
+    };
+    props
+        .split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("IDEM_BENCH_KAFKA_PROPS: {kv:?} is not k=v"))
+        })
+        .collect()
+}
+
 /// The plain consumer, and with a Redis connection the hand-rolled dedup:
 /// per message `SET idem:<event id> <fingerprint> NX EX 86400`, the balance
 /// applied in memory when the key was new, then the offset stored.
@@ -203,14 +223,8 @@ fn plain(
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set(LARGE_RESPONSES.0, LARGE_RESPONSES.1);
-    // Extra librdkafka properties for a plain or Redis run, `k=v,k=v`.
-    if let Ok(props) = std::env::var("IDEM_BENCH_KAFKA_PROPS") {
-        for kv in props.split(',').filter(|kv| !kv.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("IDEM_BENCH_KAFKA_PROPS: {kv:?} is not k=v"))?;
-            config.set(k, v);
-        }
+    for (k, v) in extra_kafka_props()? {
+        config.set(k, v);
     }
     let consumer: BaseConsumer = config.create().context("creating the consumer")?;
     consumer.subscribe(&[topic])?;

@@ -306,10 +306,10 @@ pub struct Config {
     pub batch_size: usize,
     /// How long to wait for a batch to fill, milliseconds.
     pub batch_linger_ms: u64,
-    /// Sync a batch's WAL write while the next batch is processed, and
-    /// commit its offsets once the sync returned (`true`), instead of
-    /// syncing inside the write (`false`). Either way an offset is committed
-    /// only after its batch is durable.
+    /// Write and sync a batch on a thread of its own while the next batches
+    /// are processed, and commit its offsets once that write returned
+    /// (`true`), instead of writing it in the loop (`false`). Either way an
+    /// offset is committed only after its batch is durable.
     pub overlap_wal_sync: bool,
     /// Dead-letter topic; `{topic}` is replaced by the source topic.
     pub dead_letter_topic: String,

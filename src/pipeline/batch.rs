@@ -125,9 +125,11 @@ pub struct BatchResult {
     /// went to the fail-open guard instead (its offsets may still be
     /// committed: the operator chose `fail_open`).
     pub unverified: bool,
-    /// True when the batch was written without syncing the WAL: its
-    /// offsets may be committed only after [`DedupStore::sync_wal`].
-    pub needs_sync: bool,
+    /// The batch's store writes, when they are to be written behind
+    /// (`overlap_wal_sync`): the caller hands them to
+    /// [`DedupStore::write_behind`], and its offsets may be committed only
+    /// once [`DedupStore::written_behind`] reports it.
+    pub write_behind: Option<StoreBatch>,
 }
 
 /// True for a store failure that fail-open topics go on through: the store
@@ -772,14 +774,25 @@ impl BatchProcessor {
                 }
             }
         }
+        let owned = |(t, p): (&str, i32)| (t.to_string(), p);
+        if self.overlap_sync && !guardable {
+            // Written by the store's writing thread while the next batch is
+            // processed; lookups see it at once.
+            return Ok(BatchResult {
+                next_offsets: next_offsets
+                    .into_iter()
+                    .map(|(tp, n)| (owned(tp), n))
+                    .collect(),
+                deferred: deferred.into_iter().map(|(tp, d)| (owned(tp), d)).collect(),
+                counts,
+                outcomes,
+                unverified: false,
+                write_behind: Some(batch),
+            });
+        }
         let began = Instant::now();
         let mut unverified = false;
-        let written = if self.overlap_sync && !guardable {
-            self.store.commit_unsynced(&batch)
-        } else {
-            self.store.commit_ref(&batch)
-        };
-        let needs_sync = self.overlap_sync && !guardable && written.is_ok();
+        let written = self.store.commit_ref(&batch);
         match written {
             Ok(()) => m::store_write(began.elapsed(), messages.len()),
             Err(e) if guardable && store_down(&e) => {
@@ -799,7 +812,6 @@ impl BatchProcessor {
                 )
             }
         }
-        let owned = |(t, p): (&str, i32)| (t.to_string(), p);
         Ok(BatchResult {
             next_offsets: next_offsets
                 .into_iter()
@@ -809,7 +821,7 @@ impl BatchProcessor {
             counts,
             outcomes,
             unverified,
-            needs_sync,
+            write_behind: None,
         })
     }
 

@@ -542,6 +542,9 @@ struct Unsynced {
     next_offsets: Vec<(TopicPartition, i64)>,
     started: Instant,
     done: u64,
+    /// The batch's counts, added once it is durable.
+    counts: BatchCounts,
+    tally: Tally,
 }
 
 /// Batches cannot be made durable (the store, a dead letter or a reply
@@ -1152,19 +1155,31 @@ impl Loop<'_> {
         m::degraded(true, self.parked.len());
     }
 
-    fn after(&mut self, batch: Vec<OwnedMessage>, result: BatchResult) {
-        self.stats.add_batch(&result.counts);
-        if result.counts.cross_partition > 0 {
-            m::cross_partition(result.counts.cross_partition);
+    fn after(&mut self, batch: Vec<OwnedMessage>, mut result: BatchResult) {
+        if self.syncer.is_none() {
+            if let Some(writes) = result.write_behind.take() {
+                // Only a loop with a writing thread is handed writes to
+                // defer; without one they are written here, before anything
+                // of the batch counts.
+                if let Err(e) = self.processor.store.commit(writes) {
+                    let e = anyhow::Error::new(e).context(
+                        "writing the batch to the dedup store (nothing of this batch was committed)",
+                    );
+                    self.hold(e, batch);
+                    return;
+                }
+            }
         }
         let done = result.outcomes.iter().filter(|o| o.is_some()).count() as u64;
-        count_outcomes(&batch, &result);
-        match &self.syncer {
-            Some(syncer) if result.needs_sync => {
-                // Offsets wait for the sync (see `drain_synced`); the next
-                // batch starts after this one at once.
+        let tally = Tally::of(&batch, &result);
+        let behind = result.write_behind.take();
+        match (&self.syncer, behind) {
+            (Some(syncer), Some(writes)) => {
+                // Offsets and counts wait for the write (see
+                // `drain_synced`); the next batch starts after this one at
+                // once.
                 self.written_seq += 1;
-                syncer.request(self.written_seq);
+                syncer.write(self.written_seq, writes);
                 let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
                 for (tp, next) in &result.next_offsets {
                     self.processed.insert(tp.clone(), *next);
@@ -1182,9 +1197,12 @@ impl Loop<'_> {
                         .collect(),
                     started: self.batch_started,
                     done,
+                    counts: std::mem::take(&mut result.counts),
+                    tally,
                 });
             }
             _ => {
+                tally.count(self.stats, &result.counts);
                 if done > 0 {
                     self.stats
                         .record_latency(self.batch_started.elapsed().as_micros() as u64, done);
@@ -1336,6 +1354,7 @@ impl Loop<'_> {
                 self.stats
                     .record_latency(u.started.elapsed().as_micros() as u64, u.done);
             }
+            u.tally.count(self.stats, &u.counts);
             let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
             for (tp, next) in u.next_offsets {
                 if state.owned.contains_key(&tp) {
@@ -1468,17 +1487,41 @@ impl Loop<'_> {
 }
 
 /// Adds a durable batch's outcomes to the Prometheus counters, by topic.
-fn count_outcomes(batch: &[OwnedMessage], result: &BatchResult) {
-    let mut by: BTreeMap<(&str, &'static str), u64> = BTreeMap::new();
-    for (msg, outcome) in batch.iter().zip(&result.outcomes) {
-        if let Some(o) = outcome {
-            *by.entry((msg.topic(), o.counted.label())).or_default() += 1;
+/// A batch's outcomes by topic, for the metrics, kept with the batch until
+/// it is durable.
+struct Tally {
+    by: Vec<(String, &'static str, u64)>,
+    unverified: bool,
+}
+
+impl Tally {
+    fn of(batch: &[OwnedMessage], result: &BatchResult) -> Self {
+        let mut by: BTreeMap<(&str, &'static str), u64> = BTreeMap::new();
+        for (msg, outcome) in batch.iter().zip(&result.outcomes) {
+            if let Some(o) = outcome {
+                *by.entry((msg.topic(), o.counted.label())).or_default() += 1;
+            }
+        }
+        Self {
+            by: by
+                .into_iter()
+                .map(|((topic, label), n)| (topic.to_string(), label, n))
+                .collect(),
+            unverified: result.unverified,
         }
     }
-    for ((topic, label), n) in by {
-        m::messages(topic, label, n);
-        if result.unverified && matches!(label, "handled" | "rejected") {
-            m::unverified(topic, n);
+
+    /// Adds the batch to the worker's counts and the metrics.
+    fn count(&self, stats: &Stats, counts: &BatchCounts) {
+        stats.add_batch(counts);
+        if counts.cross_partition > 0 {
+            m::cross_partition(counts.cross_partition);
+        }
+        for (topic, label, n) in &self.by {
+            m::messages(topic, label, *n);
+            if self.unverified && matches!(*label, "handled" | "rejected") {
+                m::unverified(topic, *n);
+            }
         }
     }
 }

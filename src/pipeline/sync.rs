@@ -1,127 +1,73 @@
-//! Syncs the store's WAL on a thread of its own, so that a batch's fsync
-//! overlaps the processing of the next batch (`overlap_wal_sync`).
+//! Writes the store's batches on a thread of their own
+//! (`overlap_wal_sync`), so that one batch's RocksDB write (memtable inserts,
+//! WAL append and fsync) overlaps the processing of the next batch.
 //!
-//! Guarantees:
-//! - [`Syncer::synced`] only ever reports a batch whose WAL write was
-//!   synced: every batch written before a sync started is durable when it
-//!   returns (one fsync covers all the WAL written before it).
-//! - A failed sync is reported and stays reported: the loop stops the
-//!   worker (whose batches since the last sync may be lost by a machine
-//!   crash), and a new one starts from what the store holds.
+//! Guarantees (see `crate::store` for the store's side):
+//! - [`Syncer::synced`] only ever reports a batch that was written with its
+//!   WAL synced; batches are written in the order handed over.
+//! - The next batch's lookups see a batch handed over before it is written,
+//!   so a key of one batch is a duplicate in the next.
+//! - A failed write is reported and stays reported: the loop stops the
+//!   worker without committing the offsets of the batches not written, and
+//!   a new one starts from what the store holds.
 
-use crate::store::{DedupStore, StoreError};
-use std::sync::{Arc, Condvar, Mutex};
+use crate::store::{DedupStore, StoreBatch, StoreError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-#[derive(Default)]
-struct State {
-    /// The newest batch written and asked to be synced.
-    requested: u64,
-    /// The newest batch known durable.
-    synced: u64,
-    failed: bool,
-    error: Option<StoreError>,
-    stop: bool,
-}
-
-/// The sync thread and its state.
+/// The writing thread.
 pub struct Syncer {
-    state: Arc<(Mutex<State>, Condvar)>,
+    store: Arc<DedupStore>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Syncer {
     /// Starts the thread over `store`.
     pub fn start(store: Arc<DedupStore>) -> Self {
-        let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
-        let shared = state.clone();
+        let writer = store.clone();
         let thread = std::thread::Builder::new()
-            .name("idem-wal-sync".into())
-            .spawn(move || run(&store, &shared))
+            .name("idem-store-writer".into())
+            .spawn(move || while writer.write_behind_next() {})
             .ok();
-        Self { state, thread }
-    }
-
-    /// Asks for every batch up to `seq` (numbered by the caller, rising) to
-    /// be synced.
-    pub fn request(&self, seq: u64) {
-        let (lock, cv) = &*self.state;
-        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-        s.requested = s.requested.max(seq);
-        cv.notify_all();
-    }
-
-    /// The newest batch known durable; `None` once a sync failed.
-    pub fn synced(&self) -> Option<u64> {
-        let s = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
-        (!s.failed).then_some(s.synced)
-    }
-
-    /// The error of the sync that failed, to the first caller that asks.
-    pub fn take_error(&self) -> Option<StoreError> {
-        self.state
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .error
-            .take()
-    }
-
-    /// Waits until every batch up to `seq` is durable; false when a sync
-    /// failed.
-    pub fn wait_for(&self, seq: u64) -> bool {
-        let (lock, cv) = &*self.state;
-        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-        s.requested = s.requested.max(seq);
-        cv.notify_all();
-        loop {
-            if s.failed {
-                return false;
-            }
-            if s.synced >= seq {
-                return true;
-            }
-            s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        if thread.is_none() {
+            // Nothing would ever be written: fail every wait at once.
+            store.stop_writing_behind();
         }
+        Self { store, thread }
+    }
+
+    /// Hands batch number `seq` (numbered by the caller, rising) over to be
+    /// written; waits while the batch before it is still being written. A
+    /// batch refused (an earlier write failed) is reported by
+    /// [`Syncer::synced`].
+    pub fn write(&self, seq: u64, batch: StoreBatch) {
+        let _ = self.store.write_behind(seq, batch);
+    }
+
+    /// The newest batch known written and durable; `None` once a write
+    /// failed.
+    pub fn synced(&self) -> Option<u64> {
+        self.store.written_behind()
+    }
+
+    /// The error of the write that failed, to the first caller that asks.
+    pub fn take_error(&self) -> Option<StoreError> {
+        self.store.take_write_behind_error()
+    }
+
+    /// Waits until every batch up to `seq` is written and durable; false when
+    /// a write failed or the thread is gone.
+    pub fn wait_for(&self, seq: u64) -> bool {
+        self.store.wait_written_behind(seq)
     }
 }
 
 impl Drop for Syncer {
     fn drop(&mut self) {
-        {
-            let (lock, cv) = &*self.state;
-            lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-            cv.notify_all();
-        }
+        self.store.stop_writing_behind();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-fn run(store: &DedupStore, state: &(Mutex<State>, Condvar)) {
-    let (lock, cv) = state;
-    loop {
-        let target = {
-            let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-            while !s.stop && (s.requested == s.synced || s.failed) {
-                s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
-            }
-            if s.stop {
-                return;
-            }
-            s.requested
-        };
-        let result = store.sync_wal();
-        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-        match result {
-            Ok(()) => s.synced = s.synced.max(target),
-            Err(e) => {
-                s.failed = true;
-                s.error = Some(e);
-            }
-        }
-        cv.notify_all();
     }
 }
 
@@ -129,33 +75,73 @@ fn run(store: &DedupStore, state: &(Mutex<State>, Condvar)) {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::store::{StoreBatch, StoreOptions};
+    use crate::key::{IdempotencyKey, ScopedKeyHash};
+    use crate::proto::DedupRecord;
+    use crate::store::StoreOptions;
 
     #[test]
-    fn a_requested_batch_is_reported_synced_and_a_closed_store_fails_for_good() {
+    fn a_batch_handed_over_is_seen_at_once_written_in_order_and_a_closed_store_fails_for_good() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(
             DedupStore::open(
                 dir.path(),
-                StoreOptions::default(),
+                StoreOptions {
+                    handler_cfs: vec!["h"],
+                    ..StoreOptions::default()
+                },
                 Arc::new(ManualClock::new(1_000_000)),
             )
             .unwrap(),
         );
         let syncer = Syncer::start(store.clone());
         assert_eq!(syncer.synced(), Some(0));
+        let key = ScopedKeyHash::new("s", &IdempotencyKey(b"k1".to_vec()));
         let mut b = StoreBatch::new();
         b.checkpoint("t", 0, 7, None);
-        store.commit_unsynced(&b).unwrap();
+        b.record(
+            key,
+            store.bucket_for(1_000_000),
+            DedupRecord {
+                source_offset: 6,
+                ..DedupRecord::default()
+            },
+        );
+        {
+            let mut txn = b.handler_txn(&store);
+            txn.put("h", b"balance".to_vec(), b"10".to_vec());
+            txn.keep();
+        }
+        syncer.write(1, b);
+        // Seen by lookups and handler reads whether written yet or not.
+        assert_eq!(store.lookup(&key).unwrap().unwrap().source_offset, 6);
+        let b2 = StoreBatch::new();
+        {
+            let txn = {
+                let mut b2 = b2;
+                let v = b2.handler_txn(&store).get("h", b"balance").unwrap();
+                assert_eq!(v, Some(b"10".to_vec()));
+                b2
+            };
+            drop(txn);
+        }
+        // Any other read waits for the write: the checkpoint is there.
         assert_eq!(store.checkpoint("t", 0).unwrap(), Some(7));
         assert!(syncer.wait_for(1));
         assert_eq!(syncer.synced(), Some(1));
-        // A sync that fails stays failed, and its error is handed out once.
+        // A write that fails stays failed, and its error is handed out once.
         store.close();
+        let mut b3 = StoreBatch::new();
+        b3.checkpoint("t", 0, 9, None);
+        syncer.write(2, b3);
         assert!(!syncer.wait_for(2));
         assert_eq!(syncer.synced(), None);
         assert!(syncer.take_error().is_some());
         assert!(syncer.take_error().is_none());
+        // Nothing after it is taken, and every other write refuses.
+        let mut b4 = StoreBatch::new();
+        b4.checkpoint("t", 0, 11, None);
+        syncer.write(3, b4);
         assert!(!syncer.wait_for(3));
+        assert!(store.sync_wal().is_err());
     }
 }

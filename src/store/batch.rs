@@ -113,6 +113,9 @@ impl HandlerTxn<'_> {
         if let Some(v) = self.batch.effects.get(&k) {
             return Ok(v.clone());
         }
+        if let Some(v) = self.store.pending_handler_value(cf, key) {
+            return Ok(v);
+        }
         self.store.get_handler_value(cf, key)
     }
 

@@ -371,6 +371,7 @@ impl DedupStore {
     /// Writes memtables to SST files, so sizes on disk are final (backups,
     /// inspection, tests of disk use).
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.settle_behind()?;
         let db = self.db()?;
         for name in self.family_names() {
             if let Some(cf) = db.cf_handle(&name) {

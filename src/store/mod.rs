@@ -15,6 +15,7 @@
 //!   column family for the duration of the read.
 
 mod batch;
+mod behind;
 mod bucket;
 pub mod inspect;
 
@@ -151,6 +152,11 @@ pub enum StoreError {
     /// failed, and is tried again.
     #[error("the dedup store at {} is closed after a failure and not reopened yet", .0.display())]
     Closed(PathBuf),
+    /// A batch handed over to be written behind (`overlap_wal_sync`) could
+    /// not be written, or the writing thread stopped before it: nothing
+    /// after it may be taken as written.
+    #[error("a batch handed over to the store's writing thread was not written (an earlier write failed, or the worker is stopping): the batches since the last one written are not in the store")]
+    NotWrittenBehind,
 }
 
 impl StoreError {
@@ -226,6 +232,8 @@ pub struct DedupStore {
     /// restore before anything was handled), by checkpoint key: taken by
     /// the partition's first checkpoint.
     changelog_pending: Mutex<HashMap<Vec<u8>, i64>>,
+    /// Batches handed over to be written by a thread of their own.
+    behind: behind::Behind,
 }
 
 /// Share of a bucket's memtable spent on its bloom filter. The filter is
@@ -352,6 +360,7 @@ impl DedupStore {
             high_water_ms: AtomicI64::new(i64::MIN),
             clock_clamps: AtomicU64::new(0),
             changelog_pending: Mutex::new(HashMap::new()),
+            behind: behind::Behind::default(),
         };
         if !read_only {
             store.check_meta()?;
@@ -519,6 +528,21 @@ impl DedupStore {
             .max(self.high_water_ms.load(Ordering::SeqCst));
         let mut found: Vec<Option<DedupRecord>> = vec![None; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
+        if !self.behind.is_idle() {
+            // Batches handed over and not written yet hold the newest records.
+            let window = self.opts.window_ms;
+            pending.retain(|&i| {
+                let hit = self.behind.find(|b| {
+                    b.records
+                        .get(&keys[i])
+                        .filter(|(bucket, _)| bucket.expires_at_ms(window) > now)
+                        .map(|(_, r)| r.clone())
+                });
+                let missing = hit.is_none();
+                found[i] = hit;
+                missing
+            });
+        }
         for bucket in self.live_buckets() {
             if pending.is_empty() {
                 break;
@@ -558,6 +582,7 @@ impl DedupStore {
         topic: &str,
         partition: i32,
     ) -> Result<Option<Checkpoint>, StoreError> {
+        self.settle_behind()?;
         let db = self.db()?;
         let cf = family(&db, OFFSETS_CF)?;
         let v = db
@@ -609,6 +634,7 @@ impl DedupStore {
         sync: bool,
         what: &'static str,
     ) -> Result<(), StoreError> {
+        self.settle_behind()?;
         let db = self.db()?;
         let cf = family(&db, OFFSETS_CF)?;
         let mut wb = WriteBatch::default();
@@ -703,6 +729,7 @@ impl DedupStore {
 
     /// Every checkpoint in the store: (topic, partition, next offset).
     pub fn checkpoints(&self) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        self.settle_behind()?;
         let db = self.db()?;
         let cf = family(&db, OFFSETS_CF)?;
         let mut out = Vec::new();
@@ -733,6 +760,7 @@ impl DedupStore {
 
     /// Every committed (key, value) of a handler column family, in key order.
     pub fn scan_handler_cf(&self, cf: &str) -> Result<Vec<KeyValue>, StoreError> {
+        self.settle_behind()?;
         let db = self.db()?;
         let handle = family(&db, cf)?;
         db.iterator_cf(&handle, rocksdb::IteratorMode::Start)
@@ -775,6 +803,7 @@ impl DedupStore {
     /// Like [`DedupStore::commit`], leaving the batch to the caller (to keep
     /// elsewhere when the write fails).
     pub fn commit_ref(&self, batch: &StoreBatch) -> Result<(), StoreError> {
+        self.settle_behind()?;
         self.commit_with(batch, self.opts.sync)
     }
 
@@ -784,11 +813,13 @@ impl DedupStore {
     /// crash before that keeps a prefix of the batches written (each one
     /// whole or not at all).
     pub fn commit_unsynced(&self, batch: &StoreBatch) -> Result<(), StoreError> {
+        self.settle_behind()?;
         self.commit_with(batch, false)
     }
 
     /// Makes every batch written so far durable (one fsync of the WAL).
     pub fn sync_wal(&self) -> Result<(), StoreError> {
+        self.settle_behind()?;
         let db = self.db()?;
         db.flush_wal(true)
             .map_err(rocks("sync the write-ahead log"))
@@ -874,6 +905,7 @@ impl DedupStore {
     /// anything again after a failed batch, so that a broken store costs no
     /// handler call.
     pub fn probe(&self) -> Result<(), StoreError> {
+        self.settle_behind()?;
         let db = self.db()?;
         let now = self.processing_time();
         let meta = family(&db, META_CF)?;

@@ -1,0 +1,201 @@
+//! Batches handed to the store to be written by a thread of their own
+//! (`overlap_wal_sync`), so that one batch's RocksDB write (memtable inserts,
+//! WAL append, fsync) overlaps the processing of the next.
+//!
+//! Guarantees:
+//! - A batch handed over is seen by every lookup of records
+//!   ([`DedupStore::lookup_many`]) and of handler state
+//!   ([`DedupStore::pending_handler_value`]) at once, before it is written;
+//!   every other read and write of the store first waits until the batches
+//!   handed over are written, so the store reads as if each batch had been
+//!   written when it was handed over.
+//! - Batches are written in the order handed over, each with the WAL synced;
+//!   [`DedupStore::written_behind`] reports the newest one written and
+//!   synced, never one that is not durable.
+//! - A failed write stays failed: no later batch is written, the failed
+//!   batches stay visible to lookups (so a key of theirs reaches no handler
+//!   again in this process), and every wait reports the failure. The worker
+//!   then stops and a new one starts from what the store holds.
+
+use super::{DedupStore, StoreBatch, StoreError};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// At most this many batches wait to be written: the worker goes on with
+/// the next batches while the ones before are written, and the writer
+/// syncs the WAL once for all it finds waiting.
+const MAX_BEHIND: usize = 4;
+
+#[derive(Default)]
+struct State {
+    /// Batches handed over and not written yet, oldest first, by sequence.
+    pending: VecDeque<(u64, Arc<StoreBatch>)>,
+    /// The newest batch written and synced.
+    written: u64,
+    failed: bool,
+    error: Option<StoreError>,
+    stop: bool,
+}
+
+/// The queue between the worker and the writing thread.
+#[derive(Default)]
+pub(crate) struct Behind {
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Behind {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, s: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.cv.wait(s).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls `f` on the batches not written yet, newest first, until it
+    /// returns `Some`.
+    pub(crate) fn find<T>(&self, mut f: impl FnMut(&StoreBatch) -> Option<T>) -> Option<T> {
+        let s = self.lock();
+        s.pending.iter().rev().find_map(|(_, b)| f(b))
+    }
+
+    /// True when no batch waits to be written.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.lock().pending.is_empty()
+    }
+}
+
+impl DedupStore {
+    /// A handler value staged by a batch handed over and not written yet,
+    /// newest first: `Some(None)` when that batch deletes it, `None` when no
+    /// such batch touches it (read the store then).
+    pub fn pending_handler_value(&self, cf: &'static str, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        if self.behind.is_idle() {
+            return None;
+        }
+        let k = (cf, key.to_vec());
+        self.behind.find(|b| b.effects.get(&k).cloned())
+    }
+}
+
+impl DedupStore {
+    /// Hands `batch` (numbered `seq` by the caller, rising) over to be
+    /// written by the thread that runs [`DedupStore::write_behind_next`];
+    /// waits while the batch before it is still being written. Lookups see
+    /// it at once. False when an earlier write failed (the batch is then
+    /// dropped: nothing of it may be committed).
+    pub fn write_behind(&self, seq: u64, batch: StoreBatch) -> bool {
+        let b = &self.behind;
+        let mut s = b.lock();
+        while s.pending.len() >= MAX_BEHIND && !s.failed && !s.stop {
+            s = b.wait(s);
+        }
+        if s.failed || s.stop {
+            return false;
+        }
+        s.pending.push_back((seq, Arc::new(batch)));
+        b.cv.notify_all();
+        true
+    }
+
+    /// Writes the oldest batch handed over, with the WAL synced, waiting for
+    /// one if there is none. False once [`DedupStore::stop_writing_behind`]
+    /// was called or a write failed: the writing thread then ends.
+    pub fn write_behind_next(&self) -> bool {
+        let b = &self.behind;
+        let batches: Vec<(u64, Arc<StoreBatch>)> = {
+            let mut s = b.lock();
+            loop {
+                if s.stop || s.failed {
+                    return false;
+                }
+                if !s.pending.is_empty() {
+                    break s.pending.iter().cloned().collect();
+                }
+                s = b.wait(s);
+            }
+        };
+        // Every batch waiting, in order, the last one with the WAL synced:
+        // one fsync makes them all durable.
+        let last = batches.len() - 1;
+        let mut result = Ok(());
+        for (i, (_, batch)) in batches.iter().enumerate() {
+            result = self.commit_with(batch, i == last);
+            if result.is_err() {
+                break;
+            }
+        }
+        let mut s = b.lock();
+        match result {
+            Ok(()) => {
+                s.pending.drain(..batches.len());
+                s.written = s.written.max(batches[last].0);
+            }
+            Err(e) => {
+                s.failed = true;
+                s.error = Some(e);
+            }
+        }
+        b.cv.notify_all();
+        !s.failed
+    }
+
+    /// The newest batch handed over that is written and synced; `None` once
+    /// a write failed.
+    pub fn written_behind(&self) -> Option<u64> {
+        let s = self.behind.lock();
+        (!s.failed).then_some(s.written)
+    }
+
+    /// Waits until every batch up to `seq` is written and synced; false when
+    /// a write failed.
+    pub fn wait_written_behind(&self, seq: u64) -> bool {
+        let b = &self.behind;
+        let mut s = b.lock();
+        loop {
+            if s.failed {
+                return false;
+            }
+            if s.written >= seq {
+                return true;
+            }
+            if s.stop {
+                return false;
+            }
+            s = b.wait(s);
+        }
+    }
+
+    /// The error of the write that failed, to the first caller that asks.
+    pub fn take_write_behind_error(&self) -> Option<StoreError> {
+        self.behind.lock().error.take()
+    }
+
+    /// Ends the writing thread's loop; batches not written yet stay unwritten
+    /// (their offsets were never committed).
+    pub fn stop_writing_behind(&self) {
+        self.behind.lock().stop = true;
+        self.behind.cv.notify_all();
+    }
+
+    /// Waits until no batch waits to be written, so that what follows reads
+    /// and writes the store in order with them. Fails when one could not
+    /// be written.
+    pub(crate) fn settle_behind(&self) -> Result<(), StoreError> {
+        let b = &self.behind;
+        if b.is_idle() {
+            return Ok(());
+        }
+        let mut s = b.lock();
+        loop {
+            if s.failed || (s.stop && !s.pending.is_empty()) {
+                return Err(StoreError::NotWrittenBehind);
+            }
+            if s.pending.is_empty() {
+                return Ok(());
+            }
+            s = b.wait(s);
+        }
+    }
+}
