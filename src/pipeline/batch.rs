@@ -29,7 +29,7 @@ use crate::pipeline::retry::{NextStep, RetryPolicy};
 use crate::pipeline::stats::{BatchCounts, Counted};
 use crate::proto::{DedupRecord, RecordOutcome, StoredResponse};
 use crate::reply::Reply;
-use crate::store::{DedupStore, StoreBatch, StoreError};
+use crate::store::{DedupStore, FastMap, StoreBatch, StoreError};
 use crate::telemetry::metrics as m;
 use anyhow::Context as _;
 use rdkafka::message::{Message as _, OwnedMessage};
@@ -344,7 +344,7 @@ impl BatchProcessor {
         stored: &crate::pipeline::StoredRecords,
         now: i64,
     ) -> Vec<Step> {
-        let mut tentative: HashMap<ScopedKeyHash, (DedupRecord, usize)> = HashMap::new();
+        let mut tentative: FastMap<ScopedKeyHash, (DedupRecord, usize)> = FastMap::default();
         let mut steps = Vec::with_capacity(messages.len());
         for (i, (msg, prepared)) in messages.iter().zip(prepared).enumerate() {
             if let Some(h) = prepared.hash() {
@@ -569,7 +569,7 @@ impl BatchProcessor {
         let mut deferred: BTreeMap<(&str, i32), Deferral> = BTreeMap::new();
         let mut finished = vec![false; messages.len()];
         // Responses of this batch's new messages, for in-batch duplicates.
-        let mut responses: HashMap<ScopedKeyHash, StoredResponse> = HashMap::new();
+        let mut responses: FastMap<ScopedKeyHash, StoredResponse> = FastMap::default();
         for (i, (msg, step)) in messages.iter().zip(steps).enumerate() {
             let tp = (msg.topic(), msg.partition());
             if deferred.contains_key(&tp) {
@@ -866,7 +866,7 @@ impl BatchProcessor {
         batch: &mut StoreBatch,
         letters: &mut Vec<DeadLetter>,
         replies: &mut Vec<Reply>,
-        responses: &HashMap<ScopedKeyHash, StoredResponse>,
+        responses: &FastMap<ScopedKeyHash, StoredResponse>,
         counts: &mut BatchCounts,
     ) -> Counted {
         match decision {

@@ -300,7 +300,7 @@ impl Decider {
 
 /// What the store held for the keys of a batch, looked up together.
 #[derive(Debug, Default)]
-pub struct StoredRecords(HashMap<ScopedKeyHash, DedupRecord>);
+pub struct StoredRecords(crate::store::FastMap<ScopedKeyHash, DedupRecord>);
 
 impl StoredRecords {
     /// Adds a record known from elsewhere (the fail-open guard) for a key

@@ -169,7 +169,7 @@ mod tests {
         let mut g = Guard::new(10);
         let mut b = batch(0..1, 1);
         b.effects
-            .insert(("ledger", b"acct".to_vec()), Some(b"1".to_vec()));
+            .insert("ledger", b"acct".to_vec(), Some(b"1".to_vec()));
         assert!(matches!(g.absorb(b), Err(EffectsNotGuardable(1))));
         assert!(g.is_empty());
     }

@@ -12,8 +12,85 @@ use crate::proto::DedupRecord;
 use crate::store::{Bucket, DedupStore, StoreError};
 use std::collections::{BTreeMap, HashMap};
 
-/// A staged handler write: `None` deletes.
-type Staged = HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
+/// A hash map with a fast, randomly seeded hasher, for the per-batch maps
+/// of the hot path (keys are hashes or handler keys; a batch holds at most
+/// `batch_size` of them).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Staged handler writes by column family, then key: `None` deletes. Looked
+/// up by borrowed key, so a read allocates nothing.
+#[derive(Default)]
+pub struct Staged(Vec<(&'static str, Family)>);
+
+/// A staged write as [`Staged::sorted`] lists it: key, and value (`None`
+/// deletes).
+pub type StagedWrite<'a> = (&'a [u8], &'a Option<Vec<u8>>);
+
+/// One column family's staged writes.
+type Family = FastMap<Vec<u8>, Option<Vec<u8>>>;
+
+impl Staged {
+    /// The staged value of `key` in `cf`: `Some(None)` when it is deleted.
+    pub fn get(&self, cf: &str, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        self.0
+            .iter()
+            .find(|(n, _)| *n == cf)
+            .and_then(|(_, m)| m.get(key))
+    }
+
+    fn family_mut(&mut self, cf: &'static str) -> &mut Family {
+        let i = match self.0.iter().position(|(n, _)| *n == cf) {
+            Some(i) => i,
+            None => {
+                self.0.push((cf, FastMap::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// Stages `key = value` in `cf` (`None` deletes).
+    pub fn insert(&mut self, cf: &'static str, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.family_mut(cf).insert(key, value);
+    }
+
+    /// True when nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|(_, m)| m.is_empty())
+    }
+
+    /// Number of keys staged.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|(_, m)| m.len()).sum()
+    }
+
+    fn absorb(&mut self, other: Staged) {
+        for (cf, m) in other.0 {
+            let into = self.family_mut(cf);
+            if into.is_empty() {
+                *into = m;
+            } else {
+                into.extend(m);
+            }
+        }
+    }
+
+    /// Every staged write by column family, each family's in key order.
+    pub fn sorted(&self) -> Vec<(&'static str, Vec<StagedWrite<'_>>)> {
+        let mut out: Vec<_> = self
+            .0
+            .iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(cf, m)| {
+                let mut kv: Vec<_> = m.iter().map(|(k, v)| (k.as_slice(), v)).collect();
+                kv.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                (*cf, kv)
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        out
+    }
+}
 
 /// A staged partition checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +107,7 @@ pub struct CheckpointAt {
 /// Everything one batch will write.
 #[derive(Default)]
 pub struct StoreBatch {
-    pub(crate) records: HashMap<ScopedKeyHash, (Bucket, DedupRecord)>,
+    pub(crate) records: FastMap<ScopedKeyHash, (Bucket, DedupRecord)>,
     pub(crate) checkpoints: BTreeMap<(String, i32), CheckpointAt>,
     pub(crate) effects: Staged,
 }
@@ -89,7 +166,7 @@ impl StoreBatch {
         HandlerTxn {
             batch: self,
             store,
-            local: HashMap::new(),
+            local: Staged::default(),
         }
     }
 }
@@ -106,11 +183,10 @@ impl HandlerTxn<'_> {
     /// Reads `key` from the handler column family `cf`, seeing writes staged
     /// by this transaction and earlier ones of the same batch.
     pub fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let k = (cf, key.to_vec());
-        if let Some(v) = self.local.get(&k) {
+        if let Some(v) = self.local.get(cf, key) {
             return Ok(v.clone());
         }
-        if let Some(v) = self.batch.effects.get(&k) {
+        if let Some(v) = self.batch.effects.get(cf, key) {
             return Ok(v.clone());
         }
         if let Some(v) = self.store.pending_handler_value(cf, key) {
@@ -121,16 +197,16 @@ impl HandlerTxn<'_> {
 
     /// Stages `key = value` in `cf`.
     pub fn put(&mut self, cf: &'static str, key: Vec<u8>, value: Vec<u8>) {
-        self.local.insert((cf, key), Some(value));
+        self.local.insert(cf, key, Some(value));
     }
 
     /// Stages the deletion of `key` in `cf`.
     pub fn delete(&mut self, cf: &'static str, key: Vec<u8>) {
-        self.local.insert((cf, key), None);
+        self.local.insert(cf, key, None);
     }
 
     /// Moves this transaction's writes into the batch.
     pub fn keep(self) {
-        self.batch.effects.extend(self.local);
+        self.batch.effects.absorb(self.local);
     }
 }

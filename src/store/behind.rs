@@ -74,8 +74,7 @@ impl DedupStore {
         if self.behind.is_idle() {
             return None;
         }
-        let k = (cf, key.to_vec());
-        self.behind.find(|b| b.effects.get(&k).cloned())
+        self.behind.find(|b| b.effects.get(cf, key).cloned())
     }
 }
 

@@ -19,7 +19,7 @@ mod behind;
 mod bucket;
 pub mod inspect;
 
-pub use batch::{CheckpointAt, HandlerTxn, StoreBatch};
+pub use batch::{CheckpointAt, FastMap, HandlerTxn, Staged, StoreBatch};
 pub use bucket::Bucket;
 pub use inspect::{BucketStats, StoreStats, VerifyReport};
 
@@ -251,6 +251,22 @@ fn bucket_cf_options() -> Options {
     // Most lookups miss (new keys) and the current bucket's records are
     // mostly in its memtable: a bloom filter there too keeps a miss from
     // searching the skiplist.
+    o.set_memtable_whole_key_filtering(true);
+    o.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
+    o
+}
+
+/// Options of the in-process handlers' column families (the ledger's
+/// balances and applied markers): a handler reads a key per event, most of
+/// them absent (the marker of an event not applied yet), so a whole-key
+/// bloom filter answers those misses, in the SST files and in the memtable,
+/// without searching either.
+fn handler_cf_options() -> Options {
+    let mut block = BlockBasedOptions::default();
+    block.set_bloom_filter(10.0, false);
+    block.set_whole_key_filtering(true);
+    let mut o = Options::default();
+    o.set_block_based_table_factory(&block);
     o.set_memtable_whole_key_filtering(true);
     o.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
     o
@@ -883,13 +899,13 @@ impl DedupStore {
                 );
             }
         }
-        let mut effects: Vec<_> = batch.effects.iter().collect();
-        effects.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for ((cf, key), value) in effects {
+        for (cf, writes) in batch.effects.sorted() {
             let handle = family(&db, cf)?;
-            match value {
-                Some(v) => wb.put_cf(&handle, key, v),
-                None => wb.delete_cf(&handle, key),
+            for (key, value) in writes {
+                match value {
+                    Some(v) => wb.put_cf(&handle, key, v),
+                    None => wb.delete_cf(&handle, key),
+                }
             }
         }
         let meta = family(&db, META_CF)?;
@@ -968,6 +984,8 @@ fn open_db(
     let descriptors = names.iter().map(|n| {
         let o = if Bucket::parse(n, 1).is_some() {
             bucket_cf_options()
+        } else if opts.handler_cfs.contains(&n.as_str()) {
+            handler_cf_options()
         } else {
             Options::default()
         };
