@@ -38,6 +38,10 @@ use idem::workload::{produce_messages, Workload, WorkloadSpec};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::{ClientConfig, Message as _};
 use std::collections::HashMap;
+
+/// The allocator the `idem` binary uses (src/main.rs), for every contender.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
