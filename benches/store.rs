@@ -122,7 +122,7 @@ fn main() {
     let stats = store.stats().expect("stats");
     let on_disk = dir_bytes(dir.path());
     println!(
-        "live keys={keys} in {} buckets: loaded at {:.0} decisions/s; {} bytes on disk = {:.1} bytes/key (SST only {:.1}); RSS {} MiB (+{} MiB)",
+        "live keys={keys} in {} buckets: loaded at {:.0} decisions/s; {} bytes on disk = {:.1} bytes/key (tables and memtables {:.1}); RSS {} MiB (+{} MiB)",
         stats.buckets.len(),
         keys as f64 / secs,
         on_disk,

@@ -287,7 +287,11 @@ impl DedupStore {
             let Some(cf) = db.cf_handle(&b.name()) else {
                 continue;
             };
-            for item in db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
+            for item in db.iterator_cf_opt(
+                &cf,
+                super::bucket_scan_options(),
+                rocksdb::IteratorMode::Start,
+            ) {
                 let (k, v) = match item {
                     Ok(kv) => kv,
                     Err(e) => {

@@ -253,7 +253,34 @@ fn bucket_cf_options() -> Options {
     // searching the skiplist.
     o.set_memtable_whole_key_filtering(true);
     o.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
+    // Keys are 16-byte hashes, inserted in random order: a hash table of
+    // small skiplists (the whole key as its prefix) finds an insert's place
+    // in a few comparisons instead of a search down one skiplist of the
+    // whole memtable. Scans of a bucket need `total_order_seek`
+    // (`bucket_scan_options`).
+    o.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(KEY_HASH_BYTES));
+    o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+        bucket_count: MEMTABLE_HASH_BUCKETS,
+        height: 4,
+        branching_factor: 4,
+    });
     o
+}
+
+/// Length of a dedup record's key (an xxh3-128 of scope and key).
+const KEY_HASH_BYTES: usize = 16;
+
+/// Hash buckets of a bucket family's memtable: 8 bytes each, allocated with
+/// every memtable (256 KiB), so ~20 records per bucket in a full 64 MiB
+/// memtable.
+const MEMTABLE_HASH_BUCKETS: usize = 32_768;
+
+/// Read options for a scan of a whole bucket family (its memtable is hashed
+/// by key: without a total order, a scan would see one key's bucket only).
+pub(crate) fn bucket_scan_options() -> rocksdb::ReadOptions {
+    let mut r = rocksdb::ReadOptions::default();
+    r.set_total_order_seek(true);
+    r
 }
 
 /// Options of the in-process handlers' column families (the ledger's
@@ -967,6 +994,8 @@ fn open_db(
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
     db_opts.set_keep_log_file_num(4);
+    // The bucket families' hashed memtables take one writer at a time.
+    db_opts.set_allow_concurrent_memtable_write(false);
     // A torn last record (a crash mid-write of a batch never acknowledged)
     // is dropped; corruption anywhere else refuses to open instead of
     // silently losing every batch after it.
