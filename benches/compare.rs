@@ -551,6 +551,14 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
+    if args.iter().any(|a| a == "--produce-only") {
+        // For profiling one contender by hand: `--role <r> --topic <big>`.
+        if _own_broker.is_some() {
+            bail!("--produce-only needs --brokers or IDEM_TEST_BROKERS: the harness's own broker stops with it");
+        }
+        println!("topics: {big} {small} (brokers {brokers})");
+        return Ok(());
+    }
     // The test broker is still writing its segments just after a large
     // produce; contenders started then have seen dropped connections.
     std::thread::sleep(Duration::from_secs(5));

@@ -545,6 +545,8 @@ struct Unsynced {
     /// The batch's counts, added once it is durable.
     counts: BatchCounts,
     tally: Tally,
+    /// The messages the batch finished, handled again if its write fails.
+    messages: Vec<OwnedMessage>,
 }
 
 /// Batches cannot be made durable (the store, a dead letter or a reply
@@ -1173,6 +1175,7 @@ impl Loop<'_> {
         let done = result.outcomes.iter().filter(|o| o.is_some()).count() as u64;
         let tally = Tally::of(&batch, &result);
         let behind = result.write_behind.take();
+        let mut batch = batch;
         match (&self.syncer, behind) {
             (Some(syncer), Some(writes)) => {
                 // Offsets and counts wait for the write (see
@@ -1199,6 +1202,7 @@ impl Loop<'_> {
                     done,
                     counts: std::mem::take(&mut result.counts),
                     tally,
+                    messages: finished_part(&mut batch, &result.deferred),
                 });
             }
             _ => {
@@ -1292,8 +1296,10 @@ impl Loop<'_> {
     /// partition and waits for the answer.
     fn commit_final(&mut self) -> anyhow::Result<()> {
         if let Some(syncer) = &self.syncer {
-            if !syncer.wait_for(self.written_seq) {
-                return Err(self.sync_failed());
+            if let Some(newest) = self.unsynced.back().map(|u| u.seq) {
+                if !syncer.wait_for(newest) {
+                    return Err(self.sync_failed());
+                }
             }
             self.drain_synced()?;
         }
@@ -1343,7 +1349,8 @@ impl Loop<'_> {
             return Ok(());
         }
         let Some(synced) = syncer.synced() else {
-            return Err(self.sync_failed());
+            self.write_behind_failed();
+            return Ok(());
         };
         let mut moved = false;
         while self.unsynced.front().is_some_and(|u| u.seq <= synced) {
@@ -1368,6 +1375,45 @@ impl Loop<'_> {
             self.commit_pending();
         }
         Ok(())
+    }
+
+    /// A write behind failed, and with it every batch waiting (none of them
+    /// is in the store): their offsets are rolled back to the durable ones
+    /// and their messages held and handled again, as a batch whose write
+    /// failed in the loop is.
+    fn write_behind_failed(&mut self) {
+        let Some(syncer) = &self.syncer else {
+            return;
+        };
+        let e = syncer
+            .resume()
+            .unwrap_or(crate::store::StoreError::NotWrittenBehind);
+        let batches: Vec<Unsynced> = self.unsynced.drain(..).collect();
+        let mut messages: Vec<OwnedMessage> = Vec::new();
+        let mut first: HashMap<TopicPartition, i64> = HashMap::new();
+        for u in batches {
+            for m in &u.messages {
+                first
+                    .entry((m.topic().to_string(), m.partition()))
+                    .or_insert(m.offset());
+            }
+            messages.extend(u.messages);
+        }
+        {
+            let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+            for (tp, offset) in &first {
+                self.processed.insert(tp.clone(), *offset);
+                match state.durable.get(tp).copied() {
+                    Some(d) => state.written.insert(tp.clone(), d),
+                    None => state.written.remove(tp),
+                };
+            }
+        }
+        let n = messages.len();
+        let e = anyhow::Error::new(e).context(format!(
+            "writing batches behind failed ({n} messages, none of them written): they are handled again"
+        ));
+        self.hold(e, messages);
     }
 
     fn sync_failed(&self) -> anyhow::Error {
@@ -1487,6 +1533,25 @@ impl Loop<'_> {
 }
 
 /// Adds a durable batch's outcomes to the Prometheus counters, by topic.
+/// Takes out of `batch` the messages its write covers: all of them, but
+/// those of a deferred partition from its deferred offset on (they wait in
+/// `batch` to be parked).
+fn finished_part(
+    batch: &mut Vec<OwnedMessage>,
+    deferred: &BTreeMap<TopicPartition, crate::pipeline::Deferral>,
+) -> Vec<OwnedMessage> {
+    if deferred.is_empty() {
+        return std::mem::take(batch);
+    }
+    let (waiting, finished): (Vec<_>, Vec<_>) = std::mem::take(batch).into_iter().partition(|m| {
+        deferred
+            .get(&(m.topic().to_string(), m.partition()))
+            .is_some_and(|d| m.offset() >= d.offset)
+    });
+    *batch = waiting;
+    finished
+}
+
 /// A batch's outcomes by topic, for the metrics, kept with the batch until
 /// it is durable.
 struct Tally {

@@ -7,9 +7,10 @@
 //!   WAL synced; batches are written in the order handed over.
 //! - The next batch's lookups see a batch handed over before it is written,
 //!   so a key of one batch is a duplicate in the next.
-//! - A failed write is reported and stays reported: the loop stops the
-//!   worker without committing the offsets of the batches not written, and
-//!   a new one starts from what the store holds.
+//! - A failed write is reported and stays reported until
+//!   [`Syncer::resume`]: none of the batches not written is in the store,
+//!   their offsets are never committed, and the loop handles their messages
+//!   again, as it does for a batch whose write failed in the loop.
 
 use crate::store::{DedupStore, StoreBatch, StoreError};
 use std::sync::Arc;
@@ -53,6 +54,12 @@ impl Syncer {
     /// The error of the write that failed, to the first caller that asks.
     pub fn take_error(&self) -> Option<StoreError> {
         self.store.take_write_behind_error()
+    }
+
+    /// After a failed write: forgets the batches not written and takes
+    /// batches again; returns the error (`None`: nothing failed).
+    pub fn resume(&self) -> Option<StoreError> {
+        self.store.resume_behind()
     }
 
     /// Waits until every batch up to `seq` is written and durable; false when
@@ -143,5 +150,15 @@ mod tests {
         syncer.write(3, b4);
         assert!(!syncer.wait_for(3));
         assert!(store.sync_wal().is_err());
+        // Resuming forgets what was not written and takes batches again.
+        assert!(syncer.resume().is_some());
+        assert!(syncer.resume().is_none());
+        store.reopen().unwrap();
+        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(7));
+        let mut b5 = StoreBatch::new();
+        b5.checkpoint("t", 0, 13, None);
+        syncer.write(5, b5);
+        assert!(syncer.wait_for(5));
+        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(13));
     }
 }

@@ -12,10 +12,13 @@
 //! - Batches are written in the order handed over, each with the WAL synced;
 //!   [`DedupStore::written_behind`] reports the newest one written and
 //!   synced, never one that is not durable.
-//! - A failed write stays failed: no later batch is written, the failed
-//!   batches stay visible to lookups (so a key of theirs reaches no handler
-//!   again in this process), and every wait reports the failure. The worker
-//!   then stops and a new one starts from what the store holds.
+//! - Each write takes every batch waiting as one atomic RocksDB write: a
+//!   failed write leaves none of them in the store.
+//! - A failed write stays failed until [`DedupStore::resume_behind`]: no
+//!   later batch is taken, the failed batches stay visible to lookups (so a
+//!   key of theirs reaches no handler again meanwhile), and every wait
+//!   reports the failure. Resuming forgets them all; the worker handles
+//!   their messages again.
 
 use super::{DedupStore, StoreBatch, StoreError};
 use std::collections::VecDeque;
@@ -98,38 +101,35 @@ impl DedupStore {
         true
     }
 
-    /// Writes the oldest batch handed over, with the WAL synced, waiting for
-    /// one if there is none. False once [`DedupStore::stop_writing_behind`]
-    /// was called or a write failed: the writing thread then ends.
+    /// Writes every batch handed over and not written yet, in order, as one
+    /// atomic write with the WAL synced (all of them or none), waiting for
+    /// one if there is none. After a failed write it waits for
+    /// [`DedupStore::resume_behind`]. False once
+    /// [`DedupStore::stop_writing_behind`] was called: the writing thread
+    /// then ends.
     pub fn write_behind_next(&self) -> bool {
         let b = &self.behind;
         let batches: Vec<(u64, Arc<StoreBatch>)> = {
             let mut s = b.lock();
             loop {
-                if s.stop || s.failed {
+                if s.stop {
                     return false;
                 }
-                if !s.pending.is_empty() {
+                if !s.failed && !s.pending.is_empty() {
                     break s.pending.iter().cloned().collect();
                 }
                 s = b.wait(s);
             }
         };
-        // Every batch waiting, in order, the last one with the WAL synced:
-        // one fsync makes them all durable.
-        let last = batches.len() - 1;
-        let mut result = Ok(());
-        for (i, (_, batch)) in batches.iter().enumerate() {
-            result = self.commit_with(batch, i == last);
-            if result.is_err() {
-                break;
-            }
-        }
+        let group: Vec<&StoreBatch> = batches.iter().map(|(_, b)| b.as_ref()).collect();
+        let result = self.commit_group(&group, true);
         let mut s = b.lock();
         match result {
             Ok(()) => {
                 s.pending.drain(..batches.len());
-                s.written = s.written.max(batches[last].0);
+                if let Some((seq, _)) = batches.last() {
+                    s.written = s.written.max(*seq);
+                }
             }
             Err(e) => {
                 s.failed = true;
@@ -137,7 +137,24 @@ impl DedupStore {
             }
         }
         b.cv.notify_all();
-        !s.failed
+        true
+    }
+
+    /// After a failed write: forgets every batch handed over and not written
+    /// (none of them is in the store: a group is written whole or not at
+    /// all), so that the caller can handle their messages again, and takes
+    /// writes again. Returns the write's error; `None` when nothing failed.
+    pub fn resume_behind(&self) -> Option<StoreError> {
+        let b = &self.behind;
+        let mut s = b.lock();
+        if !s.failed {
+            return None;
+        }
+        s.failed = false;
+        s.pending.clear();
+        let e = s.error.take().unwrap_or(StoreError::NotWrittenBehind);
+        b.cv.notify_all();
+        Some(e)
     }
 
     /// The newest batch handed over that is written and synced; `None` once

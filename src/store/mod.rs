@@ -869,69 +869,35 @@ impl DedupStore {
     }
 
     fn commit_with(&self, batch: &StoreBatch, sync: bool) -> Result<(), StoreError> {
-        if batch.is_empty() {
+        self.commit_group(std::slice::from_ref(&batch), sync)
+    }
+
+    /// Writes several batches, in order, as one atomic RocksDB write: all of
+    /// them or none. A later batch's checkpoint of a partition builds on the
+    /// earlier one's.
+    pub(crate) fn commit_group(
+        &self,
+        batches: &[impl std::ops::Deref<Target = StoreBatch>],
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        if batches.iter().all(|b| b.is_empty()) {
             return Ok(());
         }
         let db = self.db()?;
         let now = self.processing_time();
         let mut wb = WriteBatch::default();
-        // In key order per column family: RocksDB's memtable insert starts
-        // its skiplist search from the previous insert's position, so sorted
-        // keys cost less than random ones (the keys are hashes).
-        let mut records: Vec<_> = batch.records.iter().collect();
-        records.sort_unstable_by_key(|(key, (bucket, _))| (bucket.start_secs, key.0));
         let mut buf = Vec::with_capacity(128);
-        for group in records.chunk_by(|(_, (a, _)), (_, (b, _))| a == b) {
-            let bucket = group[0].1 .0;
-            self.ensure_bucket(&db, bucket)?;
-            let cf = family(&db, &bucket.name())?;
-            for (key, (_, record)) in group {
-                buf.clear();
-                record.encode(&mut buf).map_err(|e| StoreError::Corrupt {
-                    what: "dedup record",
-                    detail: format!("cannot encode: {e}"),
-                })?;
-                wb.put_cf(&cf, key.0, &buf);
-            }
-        }
-        let offsets = family(&db, OFFSETS_CF)?;
-        if !batch.checkpoints.is_empty() {
-            let keys: Vec<Vec<u8>> = batch
-                .checkpoints
-                .keys()
-                .map(|(topic, partition)| checkpoint_key(topic, *partition))
-                .collect();
-            let previous = db.batched_multi_get_cf(&offsets, &keys, false);
-            for ((key, at), prev) in keys.iter().zip(batch.checkpoints.values()).zip(previous) {
-                let prev = prev
-                    .map_err(rocks("read a partition checkpoint"))?
-                    .map(|v| Checkpoint::decode(v.as_ref()))
-                    .transpose()
-                    .map_err(|e| StoreError::Corrupt {
-                        what: "checkpoint",
-                        detail: e.to_string(),
-                    })?;
-                let prev = prev.or_else(|| {
-                    self.pending_positions()
-                        .remove(key)
-                        .map(|changelog_next| Checkpoint {
-                            changelog_next,
-                            ..Checkpoint::default()
-                        })
-                });
-                wb.put_cf(
-                    &offsets,
-                    key,
-                    advance_checkpoint(prev, at, now).encode_to_vec(),
-                );
-            }
-        }
-        for (cf, writes) in batch.effects.sorted() {
-            let handle = family(&db, cf)?;
-            for (key, value) in writes {
-                match value {
-                    Some(v) => wb.put_cf(&handle, key, v),
-                    None => wb.delete_cf(&handle, key),
+        let mut checkpoints: HashMap<Vec<u8>, Checkpoint> = HashMap::new();
+        for batch in batches {
+            self.stage_records(&db, batch, &mut wb, &mut buf)?;
+            self.stage_checkpoints(&db, batch, now, &mut wb, &mut checkpoints)?;
+            for (cf, writes) in batch.effects.sorted() {
+                let handle = family(&db, cf)?;
+                for (key, value) in writes {
+                    match value {
+                        Some(v) => wb.put_cf(&handle, key, v),
+                        None => wb.delete_cf(&handle, key),
+                    }
                 }
             }
         }
@@ -941,6 +907,88 @@ impl DedupStore {
         wo.set_sync(sync);
         db.write_opt(wb, &wo)
             .map_err(rocks("write a batch of dedup records"))
+    }
+
+    /// Adds a batch's dedup records to `wb`, in key order per column family:
+    /// RocksDB's memtable insert starts its search from the previous
+    /// insert's position, so sorted keys cost less than random ones.
+    fn stage_records(
+        &self,
+        db: &Db,
+        batch: &StoreBatch,
+        wb: &mut WriteBatch,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let mut records: Vec<_> = batch.records.iter().collect();
+        records.sort_unstable_by_key(|(key, (bucket, _))| (bucket.start_secs, key.0));
+        for group in records.chunk_by(|(_, (a, _)), (_, (b, _))| a == b) {
+            let bucket = group[0].1 .0;
+            self.ensure_bucket(db, bucket)?;
+            let cf = family(db, &bucket.name())?;
+            for (key, (_, record)) in group {
+                buf.clear();
+                record.encode(buf).map_err(|e| StoreError::Corrupt {
+                    what: "dedup record",
+                    detail: format!("cannot encode: {e}"),
+                })?;
+                wb.put_cf(&cf, key.0, &*buf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a batch's checkpoints to `wb`, each advanced from the one staged
+    /// earlier in the same write (`staged`) or else the stored one.
+    fn stage_checkpoints(
+        &self,
+        db: &Db,
+        batch: &StoreBatch,
+        now: i64,
+        wb: &mut WriteBatch,
+        staged: &mut HashMap<Vec<u8>, Checkpoint>,
+    ) -> Result<(), StoreError> {
+        if batch.checkpoints.is_empty() {
+            return Ok(());
+        }
+        let offsets = family(db, OFFSETS_CF)?;
+        let keys: Vec<Vec<u8>> = batch
+            .checkpoints
+            .keys()
+            .map(|(topic, partition)| checkpoint_key(topic, *partition))
+            .collect();
+        let unstaged: Vec<&Vec<u8>> = keys.iter().filter(|k| !staged.contains_key(*k)).collect();
+        let mut stored: HashMap<&Vec<u8>, Option<Checkpoint>> = HashMap::new();
+        for (key, prev) in unstaged
+            .iter()
+            .zip(db.batched_multi_get_cf(&offsets, &unstaged, false))
+        {
+            let prev = prev
+                .map_err(rocks("read a partition checkpoint"))?
+                .map(|v| Checkpoint::decode(v.as_ref()))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt {
+                    what: "checkpoint",
+                    detail: e.to_string(),
+                })?;
+            stored.insert(key, prev);
+        }
+        for (key, at) in keys.iter().zip(batch.checkpoints.values()) {
+            let prev = match staged.remove(key) {
+                Some(c) => Some(c),
+                None => stored.remove(key).flatten().or_else(|| {
+                    self.pending_positions()
+                        .remove(key)
+                        .map(|changelog_next| Checkpoint {
+                            changelog_next,
+                            ..Checkpoint::default()
+                        })
+                }),
+            };
+            let next = advance_checkpoint(prev, at, now);
+            wb.put_cf(&offsets, key, next.encode_to_vec());
+            staged.insert(key.clone(), next);
+        }
+        Ok(())
     }
 
     /// Checks that the store takes a synced write now (the clock high-water
