@@ -775,28 +775,29 @@ impl BatchProcessor {
             }
         }
         let owned = |(t, p): (&str, i32)| (t.to_string(), p);
+        let mut result = BatchResult {
+            next_offsets: next_offsets
+                .into_iter()
+                .map(|(tp, n)| (owned(tp), n))
+                .collect(),
+            deferred: deferred.into_iter().map(|(tp, d)| (owned(tp), d)).collect(),
+            counts,
+            outcomes,
+            unverified: false,
+            write_behind: None,
+        };
         if self.overlap_sync && !guardable {
             // Written by the store's writing thread while the next batch is
             // processed; lookups see it at once.
-            return Ok(BatchResult {
-                next_offsets: next_offsets
-                    .into_iter()
-                    .map(|(tp, n)| (owned(tp), n))
-                    .collect(),
-                deferred: deferred.into_iter().map(|(tp, d)| (owned(tp), d)).collect(),
-                counts,
-                outcomes,
-                unverified: false,
-                write_behind: Some(batch),
-            });
+            result.write_behind = Some(batch);
+            return Ok(result);
         }
         let began = Instant::now();
-        let mut unverified = false;
-        let written = self.store.commit_ref(&batch);
-        match written {
+        match self.store.commit_ref(&batch) {
             Ok(()) => m::store_write(began.elapsed(), messages.len()),
             Err(e) if guardable && store_down(&e) => {
-                unverified = true;
+                let counts = &mut result.counts;
+                result.unverified = true;
                 counts.unverified = counts.handler_calls();
                 counts.guard_evictions = self
                     .guard
@@ -812,17 +813,7 @@ impl BatchProcessor {
                 )
             }
         }
-        Ok(BatchResult {
-            next_offsets: next_offsets
-                .into_iter()
-                .map(|(tp, n)| (owned(tp), n))
-                .collect(),
-            deferred: deferred.into_iter().map(|(tp, d)| (owned(tp), d)).collect(),
-            counts,
-            outcomes,
-            unverified,
-            write_behind: None,
-        })
+        Ok(result)
     }
 
     /// The bucket a new message's record is filed in.

@@ -764,8 +764,15 @@ impl Loop<'_> {
             tracing::debug!("confirming the group membership before the next batch");
         }
         self.confirm_sent = Some(Instant::now());
-        if let Err(e) = kafka::commit_async(self.consumer, &tpl) {
-            tracing::warn!(error = %e, "cannot send the membership confirmation; will retry");
+        match kafka::commit_async(self.consumer, &tpl) {
+            Ok(()) => self
+                .assignment
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .commit_sent(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot send the membership confirmation; will retry")
+            }
         }
     }
 
@@ -1466,6 +1473,10 @@ impl Loop<'_> {
         match kafka::commit_async(self.consumer, &tpl) {
             Ok(()) => {
                 self.commits_sent += 1;
+                self.assignment
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .commit_sent();
                 self.uncommitted.clear();
             }
             Err(e) => {

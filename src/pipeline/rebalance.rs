@@ -84,9 +84,27 @@ pub struct Assignment {
     pub commits_answered: u64,
     /// The fencing token of each owned partition (with the changelog on).
     pub tokens: HashMap<TopicPartition, i64>,
-    /// When the group last confirmed this worker's membership: a commit
-    /// answered without error, or an assignment.
+    /// When the group last confirmed this worker's membership: the sending
+    /// of a commit answered without error, or an assignment.
     pub confirmed_at: Option<std::time::Instant>,
+    /// When each asynchronous commit not answered yet was sent, oldest
+    /// first (the coordinator answers them in order). A commit answered
+    /// after a stall proves the membership only as of its sending.
+    pub commits_sent_at: std::collections::VecDeque<std::time::Instant>,
+}
+
+/// Most sending times kept for commits not answered (commits whose answers
+/// never come would otherwise grow the list).
+const MAX_COMMITS_UNANSWERED: usize = 4096;
+
+impl Assignment {
+    /// Notes an asynchronous commit sent now.
+    pub fn commit_sent(&mut self) {
+        if self.commits_sent_at.len() >= MAX_COMMITS_UNANSWERED {
+            self.commits_sent_at.pop_front();
+        }
+        self.commits_sent_at.push_back(std::time::Instant::now());
+    }
 }
 
 /// The consumer context: chooses start offsets and tracks the assignment.
@@ -469,16 +487,22 @@ impl IdemContext {
 
 impl ConsumerContext for IdemContext {
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        self.assignment
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .commits_answered += 1;
+        let sent_at = {
+            let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+            state.commits_answered += 1;
+            state.commits_sent_at.pop_front()
+        };
         match result {
             Ok(()) => {
-                self.assignment
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .confirmed_at = Some(std::time::Instant::now());
+                // Dated by its sending: a commit sent before a stall and
+                // answered after it says nothing of the membership now. An
+                // answer to a commit not noted (the synchronous one of a
+                // revocation) confirms nothing.
+                if let Some(sent_at) = sent_at {
+                    let mut state = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+                    state.confirmed_at =
+                        Some(state.confirmed_at.map_or(sent_at, |c| c.max(sent_at)));
+                }
                 if let Some(h) = &self.health {
                     h.set_broker_trouble(None);
                 }

@@ -241,18 +241,25 @@ pub struct DedupStore {
 /// kept small: 0.02 of the 64 MiB default is 1.3 MiB per live bucket.
 const MEMTABLE_BLOOM_RATIO: f64 = 0.02;
 
-fn bucket_cf_options() -> Options {
+/// Options of a column family whose lookups mostly miss: a whole-key bloom
+/// filter in its tables and in its memtable answers a miss without
+/// searching either.
+fn filtered_cf_options() -> Options {
     let mut block = BlockBasedOptions::default();
     block.set_bloom_filter(10.0, false);
     block.set_whole_key_filtering(true);
     let mut o = Options::default();
     o.set_block_based_table_factory(&block);
-    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    // Most lookups miss (new keys) and the current bucket's records are
-    // mostly in its memtable: a bloom filter there too keeps a miss from
-    // searching the skiplist.
     o.set_memtable_whole_key_filtering(true);
     o.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
+    o
+}
+
+/// Options of a bucket family. Most lookups miss (new keys) and the
+/// current bucket's records are mostly in its memtable: filtered.
+fn bucket_cf_options() -> Options {
+    let mut o = filtered_cf_options();
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
     // Keys are 16-byte hashes, inserted in random order: a hash table of
     // small skiplists (the whole key as its prefix) finds an insert's place
     // in a few comparisons instead of a search down one skiplist of the
@@ -285,18 +292,9 @@ pub(crate) fn bucket_scan_options() -> rocksdb::ReadOptions {
 
 /// Options of the in-process handlers' column families (the ledger's
 /// balances and applied markers): a handler reads a key per event, most of
-/// them absent (the marker of an event not applied yet), so a whole-key
-/// bloom filter answers those misses, in the SST files and in the memtable,
-/// without searching either.
+/// them absent (the marker of an event not applied yet), so filtered.
 fn handler_cf_options() -> Options {
-    let mut block = BlockBasedOptions::default();
-    block.set_bloom_filter(10.0, false);
-    block.set_whole_key_filtering(true);
-    let mut o = Options::default();
-    o.set_block_based_table_factory(&block);
-    o.set_memtable_whole_key_filtering(true);
-    o.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
-    o
+    filtered_cf_options()
 }
 
 impl DedupStore {
