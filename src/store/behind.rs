@@ -22,6 +22,7 @@
 
 use super::{DedupStore, StoreBatch, StoreError};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// At most this many batches wait to be written: the worker goes on with
@@ -45,6 +46,9 @@ struct State {
 pub(crate) struct Behind {
     state: Mutex<State>,
     cv: Condvar,
+    /// Batches in `state.pending`, readable without the lock: the reads of
+    /// the hot path look at the queue only when something waits in it.
+    waiting: AtomicUsize,
 }
 
 impl Behind {
@@ -65,7 +69,12 @@ impl Behind {
 
     /// True when no batch waits to be written.
     pub(crate) fn is_idle(&self) -> bool {
-        self.lock().pending.is_empty()
+        self.waiting.load(Ordering::Acquire) == 0
+    }
+
+    /// Publishes the queue's length after a change made under the lock.
+    fn publish(&self, s: &State) {
+        self.waiting.store(s.pending.len(), Ordering::Release);
     }
 }
 
@@ -97,6 +106,7 @@ impl DedupStore {
             return false;
         }
         s.pending.push_back((seq, Arc::new(batch)));
+        b.publish(&s);
         b.cv.notify_all();
         true
     }
@@ -127,6 +137,7 @@ impl DedupStore {
         match result {
             Ok(()) => {
                 s.pending.drain(..batches.len());
+                b.publish(&s);
                 if let Some((seq, _)) = batches.last() {
                     s.written = s.written.max(*seq);
                 }
@@ -152,6 +163,7 @@ impl DedupStore {
         }
         s.failed = false;
         s.pending.clear();
+        b.publish(&s);
         let e = s.error.take().unwrap_or(StoreError::NotWrittenBehind);
         b.cv.notify_all();
         Some(e)
