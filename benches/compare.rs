@@ -146,6 +146,11 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
             plain(&brokers, &topic, &group, expect, Some(con))
         }
         "idem" | "idem-overlap" | "idem-changelog" | "idem-sync-each" => {
+            if std::env::var("IDEM_BENCH_METRICS").is_ok_and(|v| v == "1") {
+                // The Prometheus recorder a worker with `metrics.listen`
+                // records into (no server: only the recording's cost).
+                idem::telemetry::metrics::install();
+            }
             let dir = tempfile::tempdir()?;
             let mut config = Config {
                 brokers,

@@ -392,6 +392,7 @@ impl BatchProcessor {
         let mut answers: Vec<Option<Answer>> = vec![None; messages.len()];
         match &mut self.handler {
             AnyHandler::Local(h) => {
+                let calls = m::HandlerCalls::of(h.name());
                 let mut stopped: HashSet<(&str, i32)> = HashSet::new();
                 for (i, (msg, step)) in messages.iter().zip(steps).enumerate() {
                     let tp = (msg.topic(), msg.partition());
@@ -439,7 +440,7 @@ impl BatchProcessor {
                                 }
                                 Verdict::Rejected(_) => drop(txn),
                             }
-                            m::handler_call(h.name(), &verdict, began.elapsed());
+                            calls.record(&verdict, began.elapsed());
                             answers[i] = Some(Answer {
                                 verdict,
                                 response: None,
