@@ -620,7 +620,7 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
         ("idem", "(b) idem, ledger, sync per batch"),
         (
             "idem-overlap",
-            "(b') idem, same, sync overlapped with the next batch",
+            "(b') idem, same, written behind (overlap_wal_sync)",
         ),
         ("idem-changelog", "(b'') idem, same, with the changelog"),
         ("redis", "(c) Redis SET NX EX per message"),

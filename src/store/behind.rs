@@ -9,7 +9,7 @@
 //!   every other read and write of the store first waits until the batches
 //!   handed over are written, so the store reads as if each batch had been
 //!   written when it was handed over.
-//! - Batches are written in the order handed over, each with the WAL synced;
+//! - Batches are written in the order handed over, with the WAL synced;
 //!   [`DedupStore::written_behind`] reports the newest one written and
 //!   synced, never one that is not durable.
 //! - Each write takes every batch waiting as one atomic RocksDB write: a
@@ -88,12 +88,10 @@ impl DedupStore {
         }
         self.behind.find(|b| b.effects.get(cf, key).cloned())
     }
-}
 
-impl DedupStore {
     /// Hands `batch` (numbered `seq` by the caller, rising) over to be
     /// written by the thread that runs [`DedupStore::write_behind_next`];
-    /// waits while the batch before it is still being written. Lookups see
+    /// waits while [`MAX_BEHIND`] batches wait to be written. Lookups see
     /// it at once. False when an earlier write failed (the batch is then
     /// dropped: nothing of it may be committed).
     pub fn write_behind(&self, seq: u64, batch: StoreBatch) -> bool {

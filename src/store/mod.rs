@@ -290,13 +290,6 @@ pub(crate) fn bucket_scan_options() -> rocksdb::ReadOptions {
     r
 }
 
-/// Options of the in-process handlers' column families (the ledger's
-/// balances and applied markers): a handler reads a key per event, most of
-/// them absent (the marker of an event not applied yet), so filtered.
-fn handler_cf_options() -> Options {
-    filtered_cf_options()
-}
-
 impl DedupStore {
     /// Opens (creating if needed) the store at `path`, finding every existing
     /// bucket. Fails with [`StoreError::BucketWidthChanged`] rather than
@@ -1060,7 +1053,9 @@ fn open_db(
         let o = if Bucket::parse(n, 1).is_some() {
             bucket_cf_options()
         } else if opts.handler_cfs.contains(&n.as_str()) {
-            handler_cf_options()
+            // A handler reads a key per event, most of them absent (the
+            // ledger's marker of an event not applied yet).
+            filtered_cf_options()
         } else {
             Options::default()
         };
