@@ -212,7 +212,6 @@ impl Worker {
             Arc::new(truncation::BrokerLog::new(kafka::base_config(&config)?)?);
         let local_handler = matches!(handler, AnyHandler::Local(_));
         let mut processor = BatchProcessor::new(&config, store.clone(), handler, "")?;
-        processor.overlap_sync = config.overlap_wal_sync;
         let mut context = IdemContext::new(store.clone(), assignment.clone(), config.resume_from)
             .with_health(health.clone())
             .with_log_check(log.clone())
@@ -274,6 +273,8 @@ impl Worker {
         let syncer = config
             .overlap_wal_sync
             .then(|| sync::Syncer::start(store.clone()));
+        // The processor hands its writes over only when a thread takes them.
+        processor.overlap_sync = syncer.is_some();
         let mut looper = Loop {
             consumer: &consumer,
             assignment: &assignment,
@@ -1165,20 +1166,6 @@ impl Loop<'_> {
     }
 
     fn after(&mut self, batch: Vec<OwnedMessage>, mut result: BatchResult) {
-        if self.syncer.is_none() {
-            if let Some(writes) = result.write_behind.take() {
-                // Only a loop with a writing thread is handed writes to
-                // defer; without one they are written here, before anything
-                // of the batch counts.
-                if let Err(e) = self.processor.store.commit(writes) {
-                    let e = anyhow::Error::new(e).context(
-                        "writing the batch to the dedup store (nothing of this batch was committed)",
-                    );
-                    self.hold(e, batch);
-                    return;
-                }
-            }
-        }
         let done = result.outcomes.iter().filter(|o| o.is_some()).count() as u64;
         let tally = Tally::of(&batch, &result);
         let behind = result.write_behind.take();
@@ -1438,6 +1425,10 @@ impl Loop<'_> {
     fn forget_unsynced(&mut self, tp: &TopicPartition) {
         for u in &mut self.unsynced {
             u.next_offsets.retain(|(t, _)| t != tp);
+            // Nor handled again here if the write fails: its next owner
+            // reads them.
+            u.messages
+                .retain(|m| m.partition() != tp.1 || m.topic() != tp.0);
         }
     }
 
