@@ -6,7 +6,10 @@
 //!   offset after reading it (auto-commit every 5 s): the ceiling of this
 //!   broker and machine;
 //! - (b) `idem`: the worker with the ledger handler, one synced RocksDB
-//!   write per batch (batch_size 500);
+//!   write per batch (batch_size 500), offsets committed every 5 s
+//!   (`commit_interval_ms = 5000`, as (a) and (c) auto-commit);
+//! - (b0) `idem-commit-each`: (b) with an offset commit after every durable
+//!   batch (`commit_interval_ms = 0`, the default);
 //! - (b') `idem-overlap`: the same with `overlap_wal_sync = true` (a
 //!   batch's fsync runs while the next batch is processed)
 //! - (b'') `idem-changelog`: (b) with the changelog on (every dedup record
@@ -16,6 +19,9 @@
 //!   persistence), then the balance applied in memory;
 //! - (d) `idem-sync-each`: idem with one synced write per message
 //!   (batch_size 1), on a smaller topic, beside (b) on the same one.
+//!
+//! `IDEM_BENCH_COMMIT_INTERVAL_MS` sets the commit interval of every idem
+//! contender but (b0).
 //!
 //! Each contender is a child process (this binary with `--role`), so its CPU
 //! seconds (from `wait4`) and peak RSS (its VmHWM) are its own; Redis's CPU
@@ -57,6 +63,10 @@ use std::time::{Duration, Instant};
 /// again on every retry. Apache Kafka keeps responses within `fetch.max.bytes`.
 const LARGE_RESPONSES: (&str, &str) = ("receive.message.max.bytes", "1000000000");
 
+/// The commit interval of (a) and (c), librdkafka's `auto.commit.interval.ms`
+/// default, set explicitly; idem's contenders but (b0) commit as often.
+const AUTO_COMMIT_MS: u64 = 5_000;
+
 /// What one contender reports on its last stdout line.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Report {
@@ -74,6 +84,12 @@ struct Report {
     peak_rss_mib: f64,
     /// Errors the consumer reported (and went on from).
     consumer_errors: u64,
+    /// CPU seconds of the thread that read and handled the messages (the
+    /// contender's main thread: idem's loop, the plain and Redis consumers'
+    /// loops), without librdkafka's and RocksDB's threads. Filled by the
+    /// child itself at its end.
+    #[serde(default)]
+    loop_cpu_secs: f64,
 }
 
 /// Longest a contender may run: a minute, plus a second per 10,000
@@ -117,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         Some(role) => {
             let mut report = child(&role, &args)?;
             report.peak_rss_mib = proc_peak_rss_mib(std::process::id())?;
+            report.loop_cpu_secs = this_thread_cpu_secs();
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
@@ -125,6 +142,18 @@ fn main() -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------- children
+
+/// CPU seconds (user + system) of the calling thread so far.
+fn this_thread_cpu_secs() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill, and
+    // the pointer is valid for the call.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
 
 fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
     let brokers = arg(args, "--brokers").context("--brokers")?;
@@ -145,13 +174,22 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
             let con = client.get_connection().context("connecting to Redis")?;
             plain(&brokers, &topic, &group, expect, Some(con))
         }
-        "idem" | "idem-overlap" | "idem-changelog" | "idem-sync-each" => {
+        "idem" | "idem-commit-each" | "idem-overlap" | "idem-changelog" | "idem-sync-each" => {
             if std::env::var("IDEM_BENCH_METRICS").is_ok_and(|v| v == "1") {
                 // The Prometheus recorder a worker with `metrics.listen`
                 // records into (no server: only the recording's cost).
                 idem::telemetry::metrics::install();
             }
             let dir = tempfile::tempdir()?;
+            let commit_interval_ms = match role {
+                "idem-commit-each" => 0,
+                _ => std::env::var("IDEM_BENCH_COMMIT_INTERVAL_MS")
+                    .ok()
+                    .map(|v| v.parse::<u64>())
+                    .transpose()
+                    .context("IDEM_BENCH_COMMIT_INTERVAL_MS: not a number of milliseconds")?
+                    .unwrap_or(AUTO_COMMIT_MS),
+            };
             let mut config = Config {
                 brokers,
                 group_id: group,
@@ -164,6 +202,7 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
                 },
                 batch_linger_ms: num(args, "--linger-ms", 10)?,
                 overlap_wal_sync: role == "idem-overlap",
+                commit_interval_ms,
                 metrics: idem::config::MetricsConfig {
                     listen: String::new(),
                 },
@@ -189,10 +228,11 @@ fn child(role: &str, args: &[String]) -> anyhow::Result<Report> {
                 duplicates: s.duplicates,
                 peak_rss_mib: 0.0,
                 consumer_errors: 0,
+                loop_cpu_secs: 0.0,
             })
         }
         other => {
-            bail!("unknown --role {other:?}: plain, redis, idem, idem-overlap, idem-changelog, idem-sync-each")
+            bail!("unknown --role {other:?}: plain, redis, idem, idem-commit-each, idem-overlap, idem-changelog, idem-sync-each")
         }
     }
 }
@@ -230,6 +270,7 @@ fn plain(
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", AUTO_COMMIT_MS.to_string())
         .set("enable.auto.offset.store", "false")
         .set(LARGE_RESPONSES.0, LARGE_RESPONSES.1);
     for (k, v) in extra_kafka_props()? {
@@ -303,6 +344,7 @@ fn plain(
         duplicates,
         peak_rss_mib: 0.0,
         consumer_errors: errors,
+        loop_cpu_secs: 0.0,
     })
 }
 
@@ -590,7 +632,14 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
         Ok(())
     };
     for round in 0..rounds {
-        for role in ["plain", "idem", "idem-overlap", "idem-changelog", "redis"] {
+        for role in [
+            "plain",
+            "idem",
+            "idem-commit-each",
+            "idem-overlap",
+            "idem-changelog",
+            "redis",
+        ] {
             let r = contend(
                 role,
                 &big,
@@ -612,12 +661,19 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "| contender | events | events/s | p50 µs | p99 µs | CPU s | CPU µs/event | peak RSS MiB |"
+        "| contender | events | events/s | p50 µs | p99 µs | CPU s | CPU µs/event | loop CPU µs/event | peak RSS MiB |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let label = [
         ("plain", "(a) plain consumer, offsets stored"),
-        ("idem", "(b) idem, ledger, sync per batch"),
+        (
+            "idem",
+            "(b) idem, ledger, sync per batch, commits every 5 s",
+        ),
+        (
+            "idem-commit-each",
+            "(b0) idem, same, a commit per batch (the default)",
+        ),
         (
             "idem-overlap",
             "(b') idem, same, written behind (overlap_wal_sync)",
@@ -636,10 +692,11 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
         let events = rs[0].report.events;
         let cpu = m(|r| r.cpu_secs);
         println!(
-            "| {name} | {events} | {r:.0} | {:.0} | {:.0} | {cpu:.2} | {:.1} | {:.0} |",
+            "| {name} | {events} | {r:.0} | {:.0} | {:.0} | {cpu:.2} | {:.1} | {:.1} | {:.0} |",
             m(|r| r.report.p50_us as f64),
             m(|r| r.report.p99_us as f64),
             cpu * 1e6 / events as f64,
+            m(|r| r.report.loop_cpu_secs) * 1e6 / events as f64,
             m(|r| r.peak_rss_mib),
         );
     }
@@ -657,8 +714,9 @@ fn parent(args: &[String]) -> anyhow::Result<()> {
         rate["idem-overlap"] / rate["idem"],
     );
     println!(
-        "b''/b = {:.2} (the changelog's cost)",
+        "b''/b = {:.2} (the changelog's cost); b0/b = {:.2} (a commit per batch against one per 5 s)",
         rate["idem-changelog"] / rate["idem"],
+        rate["idem-commit-each"] / rate["idem"],
     );
     drop(redis);
     Ok(())

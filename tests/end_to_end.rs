@@ -299,3 +299,44 @@ fn with_the_wal_sync_overlapped_every_event_applies_once_and_offsets_wait_for_th
     let (again, _) = run(config);
     assert_eq!((again.consumed, again.handled), (0, 0));
 }
+
+#[test]
+fn with_a_commit_interval_commits_are_spaced_and_the_last_offsets_are_still_committed() {
+    let topic = unique("commit-interval");
+    let group = unique("idem");
+    create_topic(&topic, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let workload = Workload::generate(&WorkloadSpec::default());
+    workload.produce(&brokers(), &topic).unwrap();
+    let mut config = config(&topic, &group, &dir.path().join("store"));
+    config.batch_size = 50;
+    // Capped at a quarter of the tests' 6 s session timeout: 1.5 s.
+    config.commit_interval_ms = 60_000;
+    let (s, store) = run(config.clone());
+    assert_eq!(
+        (s.consumed, s.handled, s.duplicates, s.conflicts),
+        (10_000, 8_950, 1_000, 50)
+    );
+    assert_eq!(
+        ledger::balances(&store).unwrap(),
+        workload.expected_balances()
+    );
+    drop(store);
+    eprintln!(
+        "commit interval: {} commits for {} batches in {} ms",
+        s.commits, s.batches, s.processing_ms
+    );
+    assert!(s.batches >= 200, "{} batches of at most 50", s.batches);
+    // One commit at the first durable batch, then at most one per 1.5 s
+    // while batches flow, one when idle after the last, and the final one.
+    assert!(
+        s.commits <= 3 + s.processing_ms / 1_500,
+        "{} commits in {} ms: closer than the interval",
+        s.commits,
+        s.processing_ms
+    );
+    // The offsets of the last batches are committed all the same.
+    assert_eq!(committed(&group, &topic, 4), log_end(&topic, 4));
+    let (again, _) = run(config);
+    assert_eq!((again.consumed, again.handled), (0, 0));
+}

@@ -300,6 +300,10 @@ impl Worker {
             unsynced: VecDeque::new(),
             commits_sent: 0,
             lease: session_timeout(&config) / 2,
+            commit_every: commit_every(&config),
+            // As librdkafka's auto-commit: the first commit too waits for
+            // the interval, counted from the start.
+            last_commit: Some(Instant::now()),
             confirm_sent: None,
             fatal: None,
         };
@@ -531,6 +535,11 @@ struct Loop<'a> {
     /// How long a confirmation of the group membership is trusted: half the
     /// session timeout.
     lease: Duration,
+    /// Least time between two commits of the flowing batches
+    /// (`commit_interval_ms`, capped by [`commit_every`]).
+    commit_every: Duration,
+    /// When the last asynchronous commit was sent (the start, before any).
+    last_commit: Option<Instant>,
     /// When the last membership confirmation was sent.
     confirm_sent: Option<Instant>,
     /// The consumer failed for good: the worker stops with this error.
@@ -576,6 +585,14 @@ fn session_timeout(config: &Config) -> Duration {
         })
         .unwrap_or(45_000);
     Duration::from_millis(ms)
+}
+
+/// The least time between two commits of flowing batches: the configured
+/// `commit_interval_ms`, but at most half the membership lease, so that the
+/// commits' answers keep confirming the membership and a batch never waits
+/// for a confirmation of its own while messages flow.
+fn commit_every(config: &Config) -> Duration {
+    Duration::from_millis(config.commit_interval_ms).min(session_timeout(config) / 4)
 }
 
 /// Longest a stopping worker waits for its final commit to be answered.
@@ -1282,7 +1299,15 @@ impl Loop<'_> {
     /// Commits every durable offset not yet committed, asynchronously; an
     /// immediate failure keeps them for the next try, a failure reported
     /// later commits the latest durable offsets again.
+    /// With `commit_interval_ms` set, offsets wait until that long after
+    /// the last commit (the idle loop commits them once it has passed).
     fn commit_pending(&mut self) {
+        if self
+            .last_commit
+            .is_some_and(|t| t.elapsed() < self.commit_every)
+        {
+            return;
+        }
         self.commit();
     }
 
@@ -1464,6 +1489,8 @@ impl Loop<'_> {
         match kafka::commit_async(self.consumer, &tpl) {
             Ok(()) => {
                 self.commits_sent += 1;
+                self.stats.commit_sent();
+                self.last_commit = Some(Instant::now());
                 self.assignment
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

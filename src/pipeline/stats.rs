@@ -29,6 +29,7 @@ pub struct Stats {
     clock_clamps: AtomicU64,
     dead_letters_written: AtomicU64,
     batches: AtomicU64,
+    commits: AtomicU64,
     commit_failures: AtomicU64,
     batch_failures: AtomicU64,
     unverified: AtomicU64,
@@ -89,6 +90,10 @@ pub struct RunSummary {
     pub dead_letters_written: u64,
     /// Batches written (one RocksDB write and fsync each).
     pub batches: u64,
+    /// Offset commits sent while batches flowed (asynchronous ones: not
+    /// those of revocations); fewer than `batches` with
+    /// `commit_interval_ms`.
+    pub commits: u64,
     /// Offset commits that failed and were retried later.
     pub commit_failures: u64,
     /// Batches that could not be made durable (store, dead-letter or reply
@@ -253,6 +258,11 @@ impl Stats {
         self.restored.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts an offset commit sent.
+    pub fn commit_sent(&self) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a failed offset commit.
     pub fn commit_failed(&self) {
         self.commit_failures.fetch_add(1, Ordering::Relaxed);
@@ -280,6 +290,7 @@ impl Stats {
             clock_clamps: g(&self.clock_clamps),
             dead_letters_written: g(&self.dead_letters_written),
             batches: g(&self.batches),
+            commits: g(&self.commits),
             commit_failures: g(&self.commit_failures),
             batch_failures: g(&self.batch_failures),
             unverified: g(&self.unverified),
