@@ -1539,7 +1539,9 @@ impl Loop<'_> {
     }
 
     /// True when every owned partition has been processed up to its
-    /// high watermark (and at least one partition is owned).
+    /// high watermark (and at least one partition is owned) and every batch
+    /// is durable. Offsets still waiting for `commit_interval_ms` do not
+    /// count: the stop's final commit takes them.
     fn caught_up(&self) -> bool {
         let owned = self.owned();
         if owned.is_empty() || !self.parked.is_empty() {
@@ -1557,7 +1559,7 @@ impl Loop<'_> {
                 return false;
             }
         }
-        self.uncommitted.is_empty() && self.unsynced.is_empty()
+        self.unsynced.is_empty()
     }
 }
 
