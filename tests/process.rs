@@ -42,6 +42,19 @@ fn stdout_of(child: Child) -> String {
 
 #[test]
 fn sigkill_at_five_random_moments_loses_and_doubles_nothing() {
+    sigkill_at_random_moments(5, &[]);
+}
+
+/// With offsets committed at most every 1.5 s (`commit_interval_ms`, capped
+/// by the tests' 6 s session), a kill finds the group's committed offsets
+/// far behind the store's checkpoints: the restarted worker resumes at the
+/// checkpoints and still applies each event once.
+#[test]
+fn sigkill_with_offsets_committed_seldom_loses_and_doubles_nothing() {
+    sigkill_at_random_moments(3, &[("IDEM_COMMIT_INTERVAL_MS", "60000")]);
+}
+
+fn sigkill_at_random_moments(kills: u32, extra_env: &[(&str, &str)]) {
     let topic = unique("crash");
     let group = unique("idem");
     create_topic(&topic, 4);
@@ -57,13 +70,14 @@ fn sigkill_at_five_random_moments_loses_and_doubles_nothing() {
     let store = dir.path().join("store");
     // Static membership: a restarted worker takes its partitions back at once
     // instead of waiting for the killed member's session to expire.
-    let env = [
+    let mut env = vec![
         ("IDEM_BATCH_SIZE", "20"),
         ("IDEM_KAFKA__GROUP_INSTANCE_ID", "crash-worker"),
     ];
+    env.extend_from_slice(extra_env);
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     let mut mid_stream_kills = 0;
-    for kill_no in 1..=5 {
+    for kill_no in 1..=kills {
         let before = progress(&store);
         let mut child = spawn(&topic, &group, &store, &[], &env);
         // Kill at a random moment after it has started writing batches.
@@ -78,9 +92,12 @@ fn sigkill_at_five_random_moments_loses_and_doubles_nothing() {
         if after > before && after < 20_000 {
             mid_stream_kills += 1;
         }
-        println!("kill {kill_no}: {before} -> {after} of 20000 messages durable");
+        println!(
+            "kill {kill_no}: {before} -> {after} of 20000 messages durable, {} committed",
+            committed(&group, &topic, 4).iter().sum::<i64>()
+        );
     }
-    println!("{mid_stream_kills} of 5 kills landed mid-stream");
+    println!("{mid_stream_kills} of {kills} kills landed mid-stream");
     let child = spawn(&topic, &group, &store, &["--until-caught-up"], &env);
     let summary = parse_summary(&stdout_of(child));
     println!("final run: {summary}");
