@@ -306,9 +306,9 @@ fn plain(
         first.get_or_insert(received);
         if let Some(con) = redis.as_mut() {
             let payload = m.payload().unwrap_or_default();
-            let ev = decode(payload, PayloadFormat::Auto)
-                .map_err(|e| e.to_string())
-                .and_then(|d| payment_event(&d))
+            let decoded = decode(payload, PayloadFormat::Auto)
+                .map_err(|e| anyhow::anyhow!("offset {} of {topic}: {e}", m.offset()))?;
+            let ev = payment_event(&decoded)
                 .map_err(|e| anyhow::anyhow!("offset {} of {topic}: {e}", m.offset()))?;
             let fingerprint = xxhash_rust::xxh3::xxh3_128(payload).to_be_bytes();
             let set: Option<String> = redis::cmd("SET")

@@ -16,6 +16,7 @@ use crate::payload::Decoded;
 use crate::proto::{PaymentEvent, PaymentKind};
 use crate::store::{DedupStore, StoreError};
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// The ledger's column family.
@@ -48,16 +49,17 @@ struct JsonPaymentEvent {
 }
 
 /// Reads a payment event from a decoded payload; the error is a rejection
-/// reason.
-pub fn payment_event(decoded: &Decoded) -> Result<PaymentEvent, String> {
+/// reason. A protobuf event is borrowed as it was decoded, not copied: this
+/// runs once per new message.
+pub fn payment_event(decoded: &Decoded) -> Result<Cow<'_, PaymentEvent>, String> {
     match decoded {
-        Decoded::Proto(ev) => Ok(ev.clone()),
+        Decoded::Proto(ev) => Ok(Cow::Borrowed(ev)),
         Decoded::Json(v) => {
-            let j: JsonPaymentEvent = serde_json::from_value(v.clone())
+            let j = JsonPaymentEvent::deserialize(v)
                 .map_err(|e| format!("JSON is not a payment event: {e}"))?;
             let kind = PaymentKind::from_str_name(&j.kind.to_ascii_uppercase())
                 .ok_or_else(|| format!("unknown payment kind `{}`", j.kind))?;
-            Ok(PaymentEvent {
+            Ok(Cow::Owned(PaymentEvent {
                 event_id: j.event_id,
                 account_id: j.account_id,
                 amount_minor: j.amount_minor,
@@ -66,7 +68,7 @@ pub fn payment_event(decoded: &Decoded) -> Result<PaymentEvent, String> {
                 occurred_at_ms: j.occurred_at_ms,
                 merchant_reference: j.merchant_reference,
                 metadata: j.metadata,
-            })
+            }))
         }
         Decoded::Opaque => Err("the ledger needs a PaymentEvent payload, not opaque bytes".into()),
     }
@@ -148,12 +150,12 @@ impl Handler for Ledger {
                 ev.account_id, ev.currency
             )));
         };
-        let id = if ev.event_id.is_empty() {
-            d.key.0.clone()
+        let id: &[u8] = if ev.event_id.is_empty() {
+            &d.key.0
         } else {
-            ev.event_id.into_bytes()
+            ev.event_id.as_bytes()
         };
-        let akey = applied_key(&id);
+        let akey = applied_key(id);
         let applied = read_i64(txn.get(LEDGER_CF, &akey)?)?;
         if applied > 0 {
             // The dedup record is gone (the window passed, or the store was
@@ -161,7 +163,7 @@ impl Handler for Ledger {
             // never applies an event twice.
             return Ok(Verdict::Rejected(format!(
                 "event `{}` was already applied to the ledger; its dedup record is no longer in the window, and the ledger refuses to apply it twice",
-                String::from_utf8_lossy(&id)
+                String::from_utf8_lossy(id)
             )));
         }
         txn.put(LEDGER_CF, bkey, new_balance.to_be_bytes().to_vec());
@@ -247,7 +249,8 @@ mod tests {
     fn json_events_read_like_protobuf_ones() {
         let v = serde_json::json!({"event_id":"j","account_id":"a","amount_minor":3,
                                    "currency":"USD","kind":"Refund"});
-        let e = payment_event(&Decoded::Json(v)).unwrap();
+        let decoded = Decoded::Json(v);
+        let e = payment_event(&decoded).unwrap();
         assert_eq!((e.kind(), e.amount_minor), (PaymentKind::Refund, 3));
         let bad = serde_json::json!({"event_id":"j","amount_minor":3,"kind":"teleport"});
         assert_eq!(

@@ -184,9 +184,14 @@ impl StoreError {
     }
 }
 
+/// The error of a failed RocksDB call, saying what was attempted. The
+/// action becomes a `String` only when the call failed: a `&'static str`
+/// costs nothing on the way that succeeds (lookups call this per key).
 fn rocks(action: impl Into<String>) -> impl FnOnce(rocksdb::Error) -> StoreError {
-    let action = action.into();
-    move |cause| StoreError::Rocks { action, cause }
+    move |cause| StoreError::Rocks {
+        action: action.into(),
+        cause,
+    }
 }
 
 /// How the store files and expires records.
@@ -788,8 +793,9 @@ impl DedupStore {
     pub fn get_handler_value(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
         let handle = family(&db, cf)?;
+        // The action is formatted only on a failure: this runs per handler read.
         db.get_cf(&handle, key)
-            .map_err(rocks(format!("read from column family `{cf}`")))
+            .map_err(|e| rocks(format!("read from column family `{cf}`"))(e))
     }
 
     /// Every committed (key, value) of a handler column family, in key order.
