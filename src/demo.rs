@@ -87,15 +87,9 @@ const REPLAY_GROUP: &str = "idem-demo-replay";
 pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     let cluster = MockCluster::new(1).context("starting the embedded mock broker")?;
     // The mock broker does not serve CreateTopics: the source, its dead
-    // letters and the changelogs of the demo's two groups are made here.
-    let changelog =
-        |group: &str| crate::changelog::topic_for(&Config::default().changelog.topic, group, TOPIC);
-    for topic in [
-        TOPIC.to_string(),
-        format!("{TOPIC}.dlq"),
-        changelog(GROUP),
-        changelog(REPLAY_GROUP),
-    ] {
+    // letters and the changelog are made here.
+    let changelog = crate::changelog::topic_for(&Config::default().changelog.topic, GROUP, TOPIC);
+    for topic in [TOPIC.to_string(), format!("{TOPIC}.dlq"), changelog] {
         cluster
             .create_topic(&topic, opts.spec.partitions, 1)
             .with_context(|| format!("creating the demo topic {topic}"))?;
@@ -146,6 +140,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     // store, so every message is delivered again.
     // The scope stays that of the first group, so the keys are the same keys.
     config.scope = Some(config.group_id.clone());
+    // So is the changelog: the store's position in it is the first group's
+    // (an empty changelog of its own would read as one the brokers lost).
+    config.changelog.topic = config.changelog.topic.replace("{group}", GROUP);
     config.group_id = REPLAY_GROUP.into();
     config.resume_from = ResumeFrom::Group;
     let worker = Worker::new(config, Box::new(Ledger))?;

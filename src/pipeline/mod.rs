@@ -588,11 +588,22 @@ fn session_timeout(config: &Config) -> Duration {
 }
 
 /// The least time between two commits of flowing batches: the configured
-/// `commit_interval_ms`, but at most half the membership lease, so that the
-/// commits' answers keep confirming the membership and a batch never waits
-/// for a confirmation of its own while messages flow.
+/// `commit_interval_ms`, but at most a quarter of the session timeout (half
+/// the membership lease), so that the commits' answers keep confirming the
+/// membership and a batch never waits for a confirmation of its own while
+/// messages flow. A configured interval above that is said at start-up.
 fn commit_every(config: &Config) -> Duration {
-    Duration::from_millis(config.commit_interval_ms).min(session_timeout(config) / 4)
+    let configured = Duration::from_millis(config.commit_interval_ms);
+    let cap = session_timeout(config) / 4;
+    if configured > cap {
+        tracing::warn!(
+            commit_interval_ms = config.commit_interval_ms,
+            session_timeout_ms = session_timeout(config).as_millis() as u64,
+            effective_ms = cap.as_millis() as u64,
+            "commit_interval_ms is above a quarter of session.timeout.ms: offsets are committed at that quarter instead (the commits' answers confirm the group membership)"
+        );
+    }
+    configured.min(cap)
 }
 
 /// Longest a stopping worker waits for its final commit to be answered.
