@@ -1082,7 +1082,12 @@ fn env_value(name: &str, field: &str, kind: Kind, raw: String) -> anyhow::Result
                 .ok()
                 .filter(|n| *n >= 0)
                 .with_context(|| {
-                    format!("{name}: `{field}` must be a whole number of at least 0, got {raw:?}")
+                    // The field's own range is checked with the rest of
+                    // the configuration; this is the type.
+                    format!(
+                        "{name}: `{field}` must be a whole number in digits (0 to {}), got {raw:?}",
+                        i64::MAX
+                    )
                 })?,
         ),
         Kind::Bool => toml::Value::Boolean(match raw.trim() {
@@ -1208,7 +1213,7 @@ mod tests {
         );
         let err = Config::load(None, env(&[("IDEM_MAX_STORE_BYTES", "-1")])).unwrap_err();
         assert!(format!("{err:#}").contains(
-            "IDEM_MAX_STORE_BYTES: `max_store_bytes` must be a whole number of at least 0"
+            "IDEM_MAX_STORE_BYTES: `max_store_bytes` must be a whole number in digits (0 to 9223372036854775807), got \"-1\""
         ));
         let err = Config::load(None, env(&[("IDEM_HANDLER", "teleport")])).unwrap_err();
         assert!(
