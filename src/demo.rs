@@ -142,6 +142,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     config.scope = Some(config.group_id.clone());
     // So is the changelog: the store's position in it is the first group's
     // (an empty changelog of its own would read as one the brokers lost).
+    // (`{topic}` stays in the template: the configuration requires it.)
     config.changelog.topic = config.changelog.topic.replace("{group}", GROUP);
     config.group_id = REPLAY_GROUP.into();
     config.resume_from = ResumeFrom::Group;

@@ -298,12 +298,11 @@ impl Worker {
             syncer,
             written_seq: 0,
             unsynced: VecDeque::new(),
-            commits_sent: 0,
             lease: session_timeout(&config) / 2,
             commit_every: commit_every(&config),
             // As librdkafka's auto-commit: the first commit too waits for
             // the interval, counted from the start.
-            last_commit: Some(Instant::now()),
+            last_commit: Instant::now(),
             confirm_sent: None,
             fatal: None,
         };
@@ -529,9 +528,6 @@ struct Loop<'a> {
     /// Written batches whose sync has not returned yet, oldest first: their
     /// offsets wait here, not committed.
     unsynced: VecDeque<Unsynced>,
-    /// Asynchronous commits made (compared with the answers counted by the
-    /// consumer context).
-    commits_sent: u64,
     /// How long a confirmation of the group membership is trusted: half the
     /// session timeout.
     lease: Duration,
@@ -539,7 +535,7 @@ struct Loop<'a> {
     /// (`commit_interval_ms`, capped by [`commit_every`]).
     commit_every: Duration,
     /// When the last asynchronous commit was sent (the start, before any).
-    last_commit: Option<Instant>,
+    last_commit: Instant,
     /// When the last membership confirmation was sent.
     confirm_sent: Option<Instant>,
     /// The consumer failed for good: the worker stops with this error.
@@ -594,11 +590,12 @@ fn session_timeout(config: &Config) -> Duration {
 /// messages flow. A configured interval above that is said at start-up.
 fn commit_every(config: &Config) -> Duration {
     let configured = Duration::from_millis(config.commit_interval_ms);
-    let cap = session_timeout(config) / 4;
+    let session = session_timeout(config);
+    let cap = session / 4;
     if configured > cap {
         tracing::warn!(
             commit_interval_ms = config.commit_interval_ms,
-            session_timeout_ms = session_timeout(config).as_millis() as u64,
+            session_timeout_ms = session.as_millis() as u64,
             effective_ms = cap.as_millis() as u64,
             "commit_interval_ms is above a quarter of session.timeout.ms: offsets are committed at that quarter instead (the commits' answers confirm the group membership)"
         );
@@ -1313,10 +1310,7 @@ impl Loop<'_> {
     /// With `commit_interval_ms` set, offsets wait until that long after
     /// the last commit (the idle loop commits them once it has passed).
     fn commit_pending(&mut self) {
-        if self
-            .last_commit
-            .is_some_and(|t| t.elapsed() < self.commit_every)
-        {
+        if self.last_commit.elapsed() < self.commit_every {
             return;
         }
         self.commit();
@@ -1341,9 +1335,10 @@ impl Loop<'_> {
         // Asynchronously, serving the consumer until the brokers answered:
         // a synchronous commit made while the group rebalances waits for a
         // rebalance callback that only a poll can run, and would hang.
-        let (sent, answered) = (self.commits_sent, self.commits_answered());
+        // Commits sent are counted by the stats, answers by the context.
+        let (sent, answered) = (self.stats.commits(), self.commits_answered());
         self.commit();
-        if self.commits_sent == sent {
+        if self.stats.commits() == sent {
             return Ok(());
         }
         let until = Instant::now() + FINAL_COMMIT_TIMEOUT;
@@ -1353,7 +1348,7 @@ impl Loop<'_> {
             let _ = self.consumer.poll(Duration::from_millis(100));
         }
         if self.commits_answered() == answered {
-            tracing::warn!(timeout_secs = FINAL_COMMIT_TIMEOUT.as_secs(), sent = self.commits_sent, answered = self.commits_answered(),
+            tracing::warn!(timeout_secs = FINAL_COMMIT_TIMEOUT.as_secs(), sent = self.stats.commits(), answered = self.commits_answered(),
                 "the final offset commit was not answered in time; the next owner re-reads from the last commit (duplicates where the keys are known)");
         }
         Ok(())
@@ -1499,9 +1494,8 @@ impl Loop<'_> {
         }
         match kafka::commit_async(self.consumer, &tpl) {
             Ok(()) => {
-                self.commits_sent += 1;
                 self.stats.commit_sent();
-                self.last_commit = Some(Instant::now());
+                self.last_commit = Instant::now();
                 self.assignment
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

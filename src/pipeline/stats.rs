@@ -90,9 +90,9 @@ pub struct RunSummary {
     pub dead_letters_written: u64,
     /// Batches written (one RocksDB write and fsync each).
     pub batches: u64,
-    /// Offset commits sent while batches flowed (asynchronous ones: not
-    /// those of revocations); fewer than `batches` with
-    /// `commit_interval_ms`.
+    /// Asynchronous offset commits sent: the loop's and the stop's final
+    /// one (not the synchronous ones of revocations); fewer than `batches`
+    /// with `commit_interval_ms`.
     pub commits: u64,
     /// Offset commits that failed and were retried later.
     pub commit_failures: u64,
@@ -261,6 +261,11 @@ impl Stats {
     /// Counts an offset commit sent.
     pub fn commit_sent(&self) {
         self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Asynchronous offset commits sent so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// Counts a failed offset commit.
